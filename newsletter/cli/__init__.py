@@ -1,0 +1,48 @@
+"""The ``newsletter`` command: thin click shells over the library.
+
+Each submodule owns one command group; this module owns the group itself and the
+single place where a ``NewsletterError`` becomes one line on stderr and an exit code.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from newsletter.config import Settings, load_settings
+from newsletter.errors import NewsletterError
+
+
+class _Group(click.Group):
+    """A group that turns every ``NewsletterError`` into one line and its exit code."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except NewsletterError as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(exc.exit_code)
+
+
+def settings(ctx: click.Context | None = None) -> Settings:
+    """The validated settings for this invocation, read once and cached on the root context."""
+    ctx = (ctx or click.get_current_context()).find_root()
+    if not isinstance(ctx.obj, Settings):
+        ctx.obj = load_settings()
+    return ctx.obj
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="newsletter")
+def main() -> None:
+    """Render Markdown digests into email and deliver them to your subscribers.
+
+    Configuration comes from NEWSLETTER_* environment variables and a .env file
+    in the working directory (see .env.example).
+    """
+
+
+from newsletter.cli import render as _render  # noqa: E402
+
+_render.register(main)

@@ -1,0 +1,166 @@
+"""Settings from ``NEWSLETTER_*`` environment variables and ``.env``, validated once.
+
+Every bad value is a ``ConfigError`` whose one-line message names the variable,
+so a typo in ``.env`` never surfaces later as a stack trace mid-send.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlsplit
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from dotenv import dotenv_values
+
+from newsletter.errors import ConfigError
+
+DEFAULT_DATABASE_URL = "sqlite:///subscribers/newsletter.db"
+SMTP_SECURITY_MODES = ("starttls", "ssl", "none")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Validated configuration; build it with :func:`load_settings`."""
+
+    database_url: str = DEFAULT_DATABASE_URL
+    from_address: str = "Newsletter <newsletter@localhost>"
+    reply_to: str | None = None
+    list_name: str = "Newsletter"
+    site_url: str = "http://localhost:8000"
+    asset_base_url: str | None = None
+    secret_key: str | None = field(default=None, repr=False)
+    smtp_host: str | None = None
+    smtp_port: int = 587
+    smtp_username: str | None = field(default=None, repr=False)
+    smtp_password: str | None = field(default=None, repr=False)
+    smtp_security: str = "starttls"
+    smtp_connections: int = 4
+    smtp_timeout: float = 30.0
+    send_rate: float | None = None
+    outbox_dir: Path = Path("outbox")
+    timezone: str | None = None
+    templates_dir: Path | None = None
+    misfire_grace: int = 3600
+
+    @property
+    def tz(self) -> ZoneInfo | None:
+        """The configured zone, or None for the machine's local zone."""
+        return ZoneInfo(self.timezone) if self.timezone else None
+
+
+def _read_environment(environ: Mapping[str, str] | None, dotenv_path: Path | None) -> dict:
+    """Merge ``.env`` under the real environment: the real environment wins."""
+    merged: dict[str, str] = {}
+    path = dotenv_path if dotenv_path is not None else Path.cwd() / ".env"
+    if path.is_file():
+        merged.update({k: v for k, v in dotenv_values(path).items() if v is not None})
+    merged.update(os.environ if environ is None else environ)
+    return {k: v for k, v in merged.items() if k.startswith("NEWSLETTER_")}
+
+
+def _text(env: dict, name: str) -> str | None:
+    value = env.get(name, "").strip()
+    return value or None
+
+
+def _int(env: dict, name: str, default: int, minimum: int = 0) -> int:
+    raw = _text(env, name)
+    if raw is None:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigError(f"{name}: {raw!r} is not a whole number") from None
+    if value < minimum:
+        raise ConfigError(f"{name}: {value} is below the minimum of {minimum}")
+    return value
+
+
+def _float(env: dict, name: str) -> float | None:
+    raw = _text(env, name)
+    if raw is None or raw.lower() in {"unlimited", "0"}:
+        return None
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigError(f"{name}: {raw!r} is not a number") from None
+    if value <= 0:
+        raise ConfigError(f"{name}: must be positive, got {raw}")
+    return value
+
+
+def _url(env: dict, name: str, default: str | None) -> str | None:
+    raw = _text(env, name) or default
+    if raw is None:
+        return None
+    parts = urlsplit(raw)
+    if parts.scheme not in {"http", "https"} or not parts.netloc:
+        raise ConfigError(f"{name}: {raw!r} is not an http(s) URL")
+    return raw.rstrip("/")
+
+
+def _database_url(env: dict) -> str:
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    raw = _text(env, "NEWSLETTER_DATABASE_URL") or DEFAULT_DATABASE_URL
+    try:
+        make_url(raw)
+    except ArgumentError:
+        raise ConfigError(f"NEWSLETTER_DATABASE_URL: {raw!r} is not a database URL") from None
+    return raw
+
+
+def _address(env: dict, name: str, default: str | None) -> str | None:
+    raw = _text(env, name) or default
+    if raw is not None and ("\r" in raw or "\n" in raw or "@" not in raw):
+        raise ConfigError(f"{name}: {raw!r} is not an email address")
+    return raw
+
+
+def load_settings(
+    environ: Mapping[str, str] | None = None, dotenv_path: Path | None = None
+) -> Settings:
+    """Read and validate every ``NEWSLETTER_*`` variable (environment first, then ``.env``)."""
+    env = _read_environment(environ, dotenv_path)
+    security = (_text(env, "NEWSLETTER_SMTP_SECURITY") or "starttls").lower()
+    if security not in SMTP_SECURITY_MODES:
+        raise ConfigError(
+            f"NEWSLETTER_SMTP_SECURITY: {security!r} is not one of {', '.join(SMTP_SECURITY_MODES)}"
+        )
+    timezone = _text(env, "NEWSLETTER_TIMEZONE")
+    if timezone:
+        try:
+            ZoneInfo(timezone)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ConfigError(f"NEWSLETTER_TIMEZONE: {timezone!r} is not a time zone") from None
+    templates = _text(env, "NEWSLETTER_TEMPLATES_DIR")
+    if templates and not Path(templates).is_dir():
+        raise ConfigError(f"NEWSLETTER_TEMPLATES_DIR: {templates!r} is not a directory")
+    name = _text(env, "NEWSLETTER_NAME") or "Newsletter"
+    if any(ord(ch) < 32 for ch in name):
+        raise ConfigError("NEWSLETTER_NAME: control characters are not allowed")
+    return Settings(
+        database_url=_database_url(env),
+        from_address=_address(env, "NEWSLETTER_FROM", "Newsletter <newsletter@localhost>"),
+        reply_to=_address(env, "NEWSLETTER_REPLY_TO", None),
+        list_name=name,
+        site_url=_url(env, "NEWSLETTER_SITE_URL", "http://localhost:8000"),
+        asset_base_url=_url(env, "NEWSLETTER_ASSET_BASE_URL", None),
+        secret_key=_text(env, "NEWSLETTER_SECRET_KEY"),
+        smtp_host=_text(env, "NEWSLETTER_SMTP_HOST"),
+        smtp_port=_int(env, "NEWSLETTER_SMTP_PORT", 587, minimum=1),
+        smtp_username=_text(env, "NEWSLETTER_SMTP_USERNAME"),
+        smtp_password=_text(env, "NEWSLETTER_SMTP_PASSWORD"),
+        smtp_security=security,
+        smtp_connections=_int(env, "NEWSLETTER_SMTP_CONNECTIONS", 4, minimum=1),
+        smtp_timeout=float(_int(env, "NEWSLETTER_SMTP_TIMEOUT", 30, minimum=1)),
+        send_rate=_float(env, "NEWSLETTER_SEND_RATE"),
+        outbox_dir=Path(_text(env, "NEWSLETTER_OUTBOX_DIR") or "outbox"),
+        timezone=timezone,
+        templates_dir=Path(templates) if templates else None,
+        misfire_grace=_int(env, "NEWSLETTER_MISFIRE_GRACE", 3600, minimum=1),
+    )
