@@ -1,0 +1,208 @@
+"""Reading a digest file: encoding, mojibake repair, front matter, subject.
+
+Repair happens line by line on the raw text *before* the front matter is parsed,
+so the title is repaired too and every repair can be reported with the line
+number a user sees in their editor (front matter included).
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import ftfy
+import yaml
+
+from newsletter.errors import DigestError
+
+# Severities of a finding, as `newsletter check` maps them to exit codes.
+FIXED = "fixed"  # repaired automatically: exit 0, reported as a warning
+MUST_FIX = "must-fix"  # renders, but must be fixed before sending: exit 1
+
+_NON_ASCII_RUN = re.compile(r"[^\x00-\x7f]+")
+_HEADING = re.compile(r"^#\s+(.+?)\s*#*\s*$")
+_FENCE = re.compile(r"^\s*(```|~~~)")
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One thing `check` reports about a digest, at a line of the file."""
+
+    line: int
+    message: str
+    severity: str = FIXED
+
+
+@dataclass
+class Digest:
+    """A parsed digest: front matter, Markdown body and what was repaired on the way."""
+
+    path: Path
+    meta: dict
+    body: str
+    body_line: int
+    subject: str
+    preheader: str | None
+    findings: list[Finding] = field(default_factory=list)
+    source: str = ""
+
+    @property
+    def title(self) -> str:
+        return str(self.meta.get("title") or self.subject)
+
+    def line_of(self, needle: str) -> int:
+        """File line number of the first body line containing ``needle`` (body start if none)."""
+        for offset, text in enumerate(self.body.splitlines()):
+            if needle in text:
+                return self.body_line + offset
+        return self.body_line
+
+
+def _repair_mac_roman(text: str) -> str:
+    """Re-decode non-ASCII runs that are UTF-8 bytes read as Mac Roman (ftfy misses U+F8FF)."""
+
+    def fix(match: re.Match[str]) -> str:
+        run = match.group(0)
+        try:
+            return run.encode("mac_roman").decode("utf-8")
+        except (UnicodeEncodeError, UnicodeDecodeError):
+            return run
+
+    return _NON_ASCII_RUN.sub(fix, text)
+
+
+def repair_line(line: str) -> str:
+    """Undo mojibake in one line without touching correct text (no quote straightening)."""
+    if line.isascii():
+        return line
+    return _repair_mac_roman(ftfy.fix_encoding(line))
+
+
+def _decode(raw: bytes, path: Path) -> str:
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise DigestError(
+            f"{path}:{line}: not UTF-8 (byte 0x{raw[exc.start]:02x}); save the file as UTF-8"
+        ) from None
+
+
+def _one_line(message: str) -> str:
+    return " ".join(message.split())
+
+
+def _split_front_matter(lines: list[str], path: Path) -> tuple[dict, int]:
+    """Return the front matter mapping and the 0-based index of the first body line."""
+    if not lines or lines[0].strip() not in {"---", "+++"}:
+        return {}, 0
+    fence = lines[0].strip()
+    closers = {"---", "..."} if fence == "---" else {"+++"}
+    for end in range(1, len(lines)):
+        if lines[end].strip() in closers:
+            break
+    else:
+        raise DigestError(f"{path}:1: front matter opened with {fence} is never closed")
+    text = "\n".join(lines[1:end])
+    if fence == "+++":
+        try:
+            meta = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as exc:
+            raise DigestError(f"{path}:2: front matter (TOML): {_one_line(str(exc))}") from None
+    else:
+        try:
+            meta = yaml.load(text, Loader=yaml.BaseLoader) if text.strip() else {}
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            line = 2 + (mark.line if mark is not None else 0)
+            problem = getattr(exc, "problem", None) or str(exc)
+            raise DigestError(f"{path}:{line}: front matter (YAML): {_one_line(problem)}") from None
+    if not isinstance(meta, dict):
+        raise DigestError(f"{path}:2: front matter must be key: value pairs")
+    return meta, end + 1
+
+
+def _scalar(meta: dict, key: str, path: Path) -> str | None:
+    value = meta.get(key)
+    if value is None or value == "":
+        return None
+    if isinstance(value, list | dict):
+        raise DigestError(f"{path}: front matter field {key!r} must be text")
+    text = " ".join(str(value).split())
+    return text or None
+
+
+def _first_heading(lines: list[str]) -> str | None:
+    in_code = False
+    for line in lines:
+        if _FENCE.match(line):
+            in_code = not in_code
+        elif not in_code and (match := _HEADING.match(line)):
+            return match.group(1)
+    return None
+
+
+def parse_digest(text: str, path: Path | str = "<digest>") -> Digest:
+    """Parse digest text (already decoded) into a :class:`Digest`, repairing mojibake."""
+    path = Path(path)
+    findings: list[Finding] = []
+    lines = text.splitlines()
+    for number, line in enumerate(lines, start=1):
+        fixed = repair_line(line)
+        if fixed != line:
+            findings.append(Finding(number, f"repaired mojibake: {_changed(line, fixed)}"))
+            lines[number - 1] = fixed
+    meta, body_index = _split_front_matter(lines, path)
+    body_lines = lines[body_index:]
+    subject = (
+        _scalar(meta, "subject", path)
+        or _scalar(meta, "title", path)
+        or _first_heading(body_lines)
+    )
+    if not subject:
+        raise DigestError(
+            f"{path}:1: no title: add 'title:' to the front matter or a '# heading' to the text"
+        )
+    if any(ord(ch) < 32 for ch in subject):
+        raise DigestError(f"{path}: subject contains control characters")
+    return Digest(
+        path=path,
+        meta=meta,
+        body="\n".join(body_lines) + "\n",
+        body_line=body_index + 1,
+        subject=subject,
+        preheader=_scalar(meta, "description", path),
+        findings=findings,
+        source="\n".join(lines) + "\n",
+    )
+
+
+def _changed(before: str, after: str) -> str:
+    """A short 'old' → 'new' excerpt of what a repair changed."""
+    start = 0
+    while start < min(len(before), len(after)) and before[start] == after[start]:
+        start += 1
+    end_b, end_a = len(before), len(after)
+    while end_b > start and end_a > start and before[end_b - 1] == after[end_a - 1]:
+        end_b -= 1
+        end_a -= 1
+    old, new = before[start:end_b], after[start:end_a]
+    if len(old) > 40:
+        old, new = old[:37] + "...", new[:37] + "..."
+    return f"{old!r} -> {new!r}"
+
+
+def load_digest(path: Path | str) -> Digest:
+    """Read a digest file from disk; every problem is a ``DigestError`` naming the file."""
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise DigestError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise DigestError(f"{path}: is a directory, not a digest file") from None
+    except OSError as exc:
+        raise DigestError(f"{path}: cannot read: {exc.strerror}") from None
+    return parse_digest(_decode(raw, path), path)

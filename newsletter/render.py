@@ -1,0 +1,280 @@
+"""Digest → finished email, rendered once per issue.
+
+Markdown → HTML → embeds and active content cleaned → images resolved →
+Jinja2 template → CSS inlined by premailer, plus the plain-text part. Personal
+fields become opaque placeholders that survive premailer untouched, so each
+recipient's copy is a cheap string substitution (:class:`Personalizer`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import html
+import logging
+import mimetypes
+import re
+from dataclasses import dataclass, field
+from functools import cache
+from pathlib import Path
+from urllib.parse import urljoin, urlsplit
+
+import markdown
+from jinja2 import ChoiceLoader, Environment, FileSystemLoader, StrictUndefined, select_autoescape
+from lxml import html as lxml_html
+from markupsafe import Markup
+from premailer import Premailer
+
+from newsletter.config import Settings
+from newsletter.digest import MUST_FIX, Digest, Finding
+from newsletter.embeds import Embed, expand_shortcodes, replace_embeds, strip_active_content
+from newsletter.markdown_source import normalise_list_indentation
+from newsletter.plaintext import html_to_text
+
+PERSONAL_FIELDS = ("name", "email", "unsubscribe_url")
+GMAIL_CLIP_BYTES = 102 * 1024
+HTML_LIMIT_BYTES = 100 * 1024
+SAMPLE_RECIPIENT = {
+    "name": "Sample Reader",
+    "email": "reader@example.com",
+    "unsubscribe_url": "https://example.com/unsubscribe/sample",
+}
+
+_PLACEHOLDER = re.compile(r"@@NL_([A-Z_]+)@@")
+_DIGEST_FIELD = re.compile(r"\{\{\s*(name|email|unsubscribe_url)\s*\}\}")
+_SAFE_SCHEMES = {"http", "https", "mailto", "cid"}
+
+
+def placeholder(name: str) -> str:
+    """The opaque token that stands for a personal field until a recipient is known."""
+    return f"@@NL_{name.upper()}@@"
+
+
+class Personalizer:
+    """A text pre-split at its placeholders: filling it is one ``str.join``."""
+
+    __slots__ = ("_fields", "_parts")
+
+    def __init__(self, text: str) -> None:
+        pieces = _PLACEHOLDER.split(text)
+        self._parts = pieces
+        self._fields = [piece.lower() for piece in pieces[1::2]]
+
+    def fill(self, values: dict[str, str], escape: bool = False) -> str:
+        """The text with each placeholder replaced by its value (HTML-escaped when asked)."""
+        parts = self._parts.copy()
+        for index, name in enumerate(self._fields):
+            value = values.get(name, "")
+            parts[2 * index + 1] = html.escape(value) if escape else value
+        return "".join(parts)
+
+
+@dataclass(frozen=True)
+class InlineImage:
+    """A local image sent inside the message and referenced as ``cid:``."""
+
+    cid: str
+    filename: str
+    content_type: str
+    data: bytes
+
+
+@dataclass(frozen=True)
+class RenderedIssue:
+    """An issue rendered once: HTML and text with placeholders, and what to attach."""
+
+    subject: str
+    preheader: str | None
+    html: str
+    text: str
+    images: tuple[InlineImage, ...] = ()
+    embeds: tuple[Embed, ...] = ()
+    findings: tuple[Finding, ...] = ()
+    _html_fill: Personalizer = field(init=False, repr=False, compare=False)
+    _text_fill: Personalizer = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_html_fill", Personalizer(self.html))
+        object.__setattr__(self, "_text_fill", Personalizer(self.text))
+
+    def personalize(self, values: dict[str, str]) -> tuple[str, str]:
+        """One recipient's (html, text); values are escaped in the HTML part."""
+        return self._html_fill.fill(values, escape=True), self._text_fill.fill(values)
+
+
+def default_templates_dir() -> Path:
+    """Templates shipped in the wheel, or the checkout's ``templates/`` in development."""
+    packaged = Path(__file__).parent / "templates"
+    return packaged if packaged.is_dir() else Path(__file__).parent.parent / "templates"
+
+
+@cache
+def template_environment(override: Path | None = None) -> Environment:
+    """Jinja2 environment: an override directory first, the shipped defaults behind it."""
+    loaders = [FileSystemLoader(str(override))] if override else []
+    loaders.append(FileSystemLoader(str(default_templates_dir())))
+    return Environment(
+        loader=ChoiceLoader(loaders),
+        autoescape=select_autoescape(["html", "htm", "xml"]),
+        undefined=StrictUndefined,
+        keep_trailing_newline=True,
+    )
+
+
+@cache
+def _markdown() -> markdown.Markdown:
+    return markdown.Markdown(
+        extensions=["extra", "sane_lists"],
+        output_format="html",
+    )
+
+
+def markdown_to_html(source: str) -> str:
+    """Markdown as bloggers write it (2- or 4-space nesting, shortcodes) to an HTML fragment."""
+    md = _markdown()
+    md.reset()
+    return md.convert(normalise_list_indentation(expand_shortcodes(source)))
+
+
+def _mark_personal_fields(root: lxml_html.HtmlElement) -> None:
+    """Turn ``{{ name }}``-style fields in prose (not code) into placeholders."""
+    for el in root.iter():
+        if not isinstance(el.tag, str) or el.tag in {"code", "pre"}:
+            continue
+        inside_code = any(a.tag in {"code", "pre"} for a in el.iterancestors())
+        if not inside_code and el.text:
+            el.text = _DIGEST_FIELD.sub(lambda m: placeholder(m.group(1)), el.text)
+        if el.tail and not (el.getparent() is not None and inside_code):
+            el.tail = _DIGEST_FIELD.sub(lambda m: placeholder(m.group(1)), el.tail)
+
+
+def _check_links(root: lxml_html.HtmlElement, digest: Digest) -> list[Finding]:
+    findings = []
+    for link in root.iter("a"):
+        href = (link.get("href") or "").strip()
+        scheme = urlsplit(href).scheme.lower()
+        if href and not href.startswith("#") and scheme not in _SAFE_SCHEMES:
+            line = digest.line_of(href.split("(")[0]) if href else digest.body_line
+            findings.append(Finding(line, f"link {href!r} is not http(s) or mailto", MUST_FIX))
+    return findings
+
+
+def _resolve_images(
+    root: lxml_html.HtmlElement, digest: Digest, asset_base: str | None
+) -> tuple[list[InlineImage], list[Finding]]:
+    """Make every image absolute, inline (cid:) or gone, so no relative URL reaches a reader."""
+    images: dict[Path, InlineImage] = {}
+    findings: list[Finding] = []
+    for img in list(root.iter("img")):
+        src = (img.get("src") or "").strip()
+        if urlsplit(src).scheme.lower() in {"http", "https", "cid"}:
+            continue
+        if src.startswith("//"):
+            img.set("src", "https:" + src)
+            continue
+        if asset_base:
+            img.set("src", urljoin(asset_base + "/", src.lstrip("/")))
+            continue
+        local = (digest.path.parent / src).resolve() if src else None
+        if local is not None and local.is_file():
+            if local not in images:
+                data = local.read_bytes()
+                cid = f"img{len(images) + 1}.{hashlib.sha1(data).hexdigest()[:12]}@newsletter"
+                kind = mimetypes.guess_type(local.name)[0] or "application/octet-stream"
+                images[local] = InlineImage(cid, local.name, kind, data)
+            img.set("src", f"cid:{images[local].cid}")
+            continue
+        findings.append(
+            Finding(
+                digest.line_of(src) if src else digest.body_line,
+                f"image {src!r} cannot be resolved: no file next to the digest and "
+                "NEWSLETTER_ASSET_BASE_URL is not set",
+                MUST_FIX,
+            )
+        )
+        _replace_with_text(img, img.get("alt") or "")
+    return list(images.values()), findings
+
+
+def _replace_with_text(el: lxml_html.HtmlElement, text: str) -> None:
+    parent = el.getparent()
+    joined = text + (el.tail or "")
+    previous = el.getprevious()
+    if previous is not None:
+        previous.tail = (previous.tail or "") + joined
+    else:
+        parent.text = (parent.text or "") + joined
+    parent.remove(el)
+
+
+def _inline_css(document: str) -> str:
+    return Premailer(
+        document,
+        strip_important=False,
+        disable_basic_attributes=["width", "height"],
+        cssutils_logging_level=logging.CRITICAL,
+        allow_network=False,
+        keep_style_tags=False,
+        remove_classes=False,
+    ).transform(pretty_print=False)
+
+
+def render_issue(digest: Digest, settings: Settings) -> RenderedIssue:
+    """Render a digest once: HTML and text with personal placeholders, images, findings."""
+    root = lxml_html.fragment_fromstring(markdown_to_html(digest.body), create_parent="div")
+    findings = list(digest.findings)
+    findings += _check_links(root, digest)
+    strip_active_content(root)
+    embeds = replace_embeds(root)
+    for embed in embeds:
+        if not embed.known:
+            line = digest.line_of(urlsplit(embed.url).netloc)
+            findings.append(Finding(line, f"embed from {embed.provider} turned into a link"))
+    images, image_findings = _resolve_images(root, digest, settings.asset_base_url)
+    findings += image_findings
+    _mark_personal_fields(root)
+    body_html = "".join(
+        lxml_html.tostring(child, encoding="unicode") for child in root
+    )
+    body_html = (html.escape(root.text) if root.text else "") + body_html
+    context = {
+        "subject": digest.subject,
+        "title": digest.title,
+        "preheader": digest.preheader,
+        "list_name": settings.list_name,
+        "site_url": settings.site_url,
+        "meta": digest.meta,
+        "author": digest.meta.get("author"),
+        "date": digest.meta.get("date"),
+        **{name: placeholder(name) for name in PERSONAL_FIELDS},
+    }
+    env = template_environment(settings.templates_dir)
+    document = env.get_template("email.html").render(body=Markup(body_html), **context)
+    inlined = _inline_css(document)
+    text_body = html_to_text(root)
+    text = env.get_template("email.txt").render(body=text_body, **context)
+    size = len(inlined.encode("utf-8"))
+    if size > HTML_LIMIT_BYTES:
+        findings.append(
+            Finding(
+                digest.body_line,
+                f"HTML part is {size // 1024} KB; Gmail clips messages over "
+                f"{GMAIL_CLIP_BYTES // 1024} KB",
+                MUST_FIX,
+            )
+        )
+    return RenderedIssue(
+        subject=digest.subject,
+        preheader=digest.preheader,
+        html=inlined,
+        text=text,
+        images=tuple(images),
+        embeds=tuple(embeds),
+        findings=tuple(findings),
+    )
+
+
+def check_digest(path: Path | str, settings: Settings) -> list[Finding]:
+    """Everything `newsletter check` reports for one digest (raises DigestError if unrenderable)."""
+    from newsletter.digest import load_digest
+
+    return list(render_issue(load_digest(path), settings).findings)

@@ -1,0 +1,114 @@
+"""`newsletter render` and `newsletter check` as a user runs them."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from newsletter.cli import main
+
+
+def _copy(fixtures_dir: Path, dest: Path, *names: str) -> Path:
+    for name in names:
+        shutil.copy(fixtures_dir / name, dest / name)
+    return dest / names[0]
+
+
+def test_render_writes_html_file(runner: CliRunner, fixtures_dir: Path, clean_env: Path) -> None:
+    """`render -o FILE` writes the finished HTML with the sample recipient filled in."""
+    digest = _copy(fixtures_dir, clean_env, "mojibake-digest.md", "chart.png")
+    result = runner.invoke(main, ["render", str(digest), "-o", "out.html"])
+    assert result.exit_code == 0, result.output
+    html = (clean_env / "out.html").read_text("utf-8")
+    assert html.startswith("<!DOCTYPE html>") and "@@NL_" not in html
+    assert "Sample Reader will find here" in html
+
+
+def test_render_text_to_stdout(runner: CliRunner, fixtures_dir: Path, clean_env: Path) -> None:
+    """`render --text` prints the plain-text part."""
+    digest = _copy(fixtures_dir, clean_env, "mojibake-digest.md", "chart.png")
+    result = runner.invoke(main, ["render", str(digest), "--text"])
+    assert result.exit_code == 0
+    assert result.stdout.startswith("📺 Browsers, Video and Metrics\n")
+
+
+def test_render_warns_about_missing_image(runner: CliRunner, fixtures_dir: Path, clean_env: Path) -> None:
+    """A relative image that cannot be resolved is left out with a one-line warning."""
+    digest = _copy(fixtures_dir, clean_env, "mojibake-digest.md")
+    result = runner.invoke(main, ["render", str(digest), "-o", "out.html"])
+    assert result.exit_code == 0
+    warnings = [line for line in result.stderr.splitlines() if line]
+    assert len(warnings) == 1 and "chart.png" in warnings[0] and "mojibake-digest.md:" in warnings[0]
+    assert "chart.png" not in (clean_env / "out.html").read_text("utf-8")
+
+
+@pytest.mark.parametrize(
+    ("content", "pattern"),
+    [
+        (b"---\ntitle: x\n---\ncaf\xe9\n", r"bad\.md:4: not UTF-8"),
+        (b"---\ntitle: [oops\n---\nbody\n", r"bad\.md:\d+: front matter \(YAML\)"),
+        (b"no heading, no title\n", r"bad\.md:1: no title"),
+    ],
+    ids=["not-utf8", "broken-front-matter", "no-title"],
+)
+def test_render_bad_input_one_line_exit_2_nothing_written(
+    runner: CliRunner, clean_env: Path, content: bytes, pattern: str
+) -> None:
+    """Each kind of unrenderable digest: one line on stderr, exit 2, no output file."""
+    (clean_env / "bad.md").write_bytes(content)
+    result = runner.invoke(main, ["render", "bad.md", "-o", "out.html"])
+    assert result.exit_code == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1
+    assert __import__("re").search(pattern, lines[0]), lines[0]
+    assert not (clean_env / "out.html").exists()
+    assert list(clean_env.iterdir()) == [clean_env / "bad.md"]
+
+
+def test_check_exit_codes(runner: CliRunner, fixtures_dir: Path, clean_env: Path) -> None:
+    """check: 0 with warnings for repairs, 1 for a missing image, 2 for an unreadable digest."""
+    digest = _copy(fixtures_dir, clean_env, "mojibake-digest.md", "chart.png")
+    fixed = runner.invoke(main, ["check", str(digest)])
+    assert fixed.exit_code == 0, fixed.output
+    assert f"{digest}:2: warning: repaired mojibake" in fixed.stdout
+
+    (clean_env / "chart.png").unlink()
+    must_fix = runner.invoke(main, ["check", str(digest)])
+    assert must_fix.exit_code == 1
+    assert any(
+        line.startswith(f"{digest}:") and "chart.png" in line for line in must_fix.stdout.splitlines()
+    )
+
+    (clean_env / "latin1.md").write_bytes(b"# caf\xe9\n")
+    broken = runner.invoke(main, ["check", str(digest), "latin1.md"])
+    assert broken.exit_code == 2
+    assert "latin1.md:1: not UTF-8" in broken.stdout
+
+
+def test_check_reports_bad_link_with_line(runner: CliRunner, clean_env: Path) -> None:
+    """A javascript: link is reported at its line and makes check exit 1."""
+    (clean_env / "d.md").write_text("---\ntitle: T\n---\n\ntext\n[x](javascript:void(0))\n", "utf-8")
+    result = runner.invoke(main, ["check", "d.md"])
+    assert result.exit_code == 1
+    assert result.stdout.startswith("d.md:6: error: link")
+
+
+def test_bad_config_is_one_line_naming_variable(
+    runner: CliRunner, fixtures_dir: Path, clean_env: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A malformed NEWSLETTER_* value is one line naming the variable, exit 2."""
+    digest = _copy(fixtures_dir, clean_env, "mojibake-digest.md", "chart.png")
+    monkeypatch.setenv("NEWSLETTER_SMTP_PORT", "twenty-five")
+    result = runner.invoke(main, ["render", str(digest)])
+    assert result.exit_code == 2
+    assert result.stderr.strip() == "error: NEWSLETTER_SMTP_PORT: 'twenty-five' is not a whole number"
+
+
+def test_unknown_option_is_usage_error(runner: CliRunner) -> None:
+    """An unknown option exits 2 with click's usage message."""
+    result = runner.invoke(main, ["render", "x.md", "--bogus"])
+    assert result.exit_code == 2
+    assert "No such option" in result.stderr
