@@ -157,9 +157,7 @@ def parse_digest(text: str, path: Path | str = "<digest>") -> Digest:
     meta, body_index = _split_front_matter(lines, path)
     body_lines = lines[body_index:]
     subject = (
-        _scalar(meta, "subject", path)
-        or _scalar(meta, "title", path)
-        or _first_heading(body_lines)
+        _scalar(meta, "subject", path) or _scalar(meta, "title", path) or _first_heading(body_lines)
     )
     if not subject:
         raise DigestError(

@@ -12,8 +12,28 @@ import textwrap
 
 from lxml import html as lxml_html
 
-_BLOCKS = {"p", "div", "h1", "h2", "h3", "h4", "h5", "h6", "ul", "ol", "pre", "blockquote",
-           "table", "hr", "dl", "figure", "section", "article", "header", "footer"}
+_BLOCKS = {
+    "p",
+    "div",
+    "h1",
+    "h2",
+    "h3",
+    "h4",
+    "h5",
+    "h6",
+    "ul",
+    "ol",
+    "pre",
+    "blockquote",
+    "table",
+    "hr",
+    "dl",
+    "figure",
+    "section",
+    "article",
+    "header",
+    "footer",
+}
 _SPACES = re.compile(r"[ \t\r\n]+")
 WIDTH = 76
 
@@ -71,8 +91,14 @@ def _wrap(text: str, prefix: str = "", first: str | None = None) -> str:
     for index, line in enumerate(_collapse(text).split("\n")):
         lead = head if index == 0 else prefix
         out.append(
-            textwrap.fill(line, WIDTH, initial_indent=lead, subsequent_indent=prefix,
-                          break_long_words=False, break_on_hyphens=False)
+            textwrap.fill(
+                line,
+                WIDTH,
+                initial_indent=lead,
+                subsequent_indent=prefix,
+                break_long_words=False,
+                break_on_hyphens=False,
+            )
         )
     return "\n".join(out)
 
@@ -104,7 +130,9 @@ def _block(el: lxml_html.HtmlElement, prefix: str) -> list[str]:
     tag = el.tag
     if tag in {"h1", "h2"}:
         title = _collapse(_inline(el))
-        return [f"{prefix}{title}\n{prefix}{('=' if tag == 'h1' else '-') * min(len(title), WIDTH)}"]
+        return [
+            f"{prefix}{title}\n{prefix}{('=' if tag == 'h1' else '-') * min(len(title), WIDTH)}"
+        ]
     if tag in {"h3", "h4", "h5", "h6"}:
         return [f"{prefix}{_collapse(_inline(el)).upper()}"]
     if tag == "hr":

@@ -18,6 +18,7 @@ SAMPLE = Path(__file__).resolve().parents[1] / "digests" / "2026-11-20-weekly-li
 
 def _png(width: int, height: int) -> bytes:
     """A plain PNG the size of a YouTube hqdefault thumbnail, served for every remote image."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
         body = kind + data
         return struct.pack(">I", len(data)) + body + struct.pack(">I", zlib.crc32(body))

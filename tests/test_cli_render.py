@@ -35,13 +35,17 @@ def test_render_text_to_stdout(runner: CliRunner, fixtures_dir: Path, clean_env:
     assert result.stdout.startswith("📺 Browsers, Video and Metrics\n")
 
 
-def test_render_warns_about_missing_image(runner: CliRunner, fixtures_dir: Path, clean_env: Path) -> None:
+def test_render_warns_about_missing_image(
+    runner: CliRunner, fixtures_dir: Path, clean_env: Path
+) -> None:
     """A relative image that cannot be resolved is left out with a one-line warning."""
     digest = _copy(fixtures_dir, clean_env, "mojibake-digest.md")
     result = runner.invoke(main, ["render", str(digest), "-o", "out.html"])
     assert result.exit_code == 0
     warnings = [line for line in result.stderr.splitlines() if line]
-    assert len(warnings) == 1 and "chart.png" in warnings[0] and "mojibake-digest.md:" in warnings[0]
+    assert (
+        len(warnings) == 1 and "chart.png" in warnings[0] and "mojibake-digest.md:" in warnings[0]
+    )
     assert "chart.png" not in (clean_env / "out.html").read_text("utf-8")
 
 
@@ -79,7 +83,8 @@ def test_check_exit_codes(runner: CliRunner, fixtures_dir: Path, clean_env: Path
     must_fix = runner.invoke(main, ["check", str(digest)])
     assert must_fix.exit_code == 1
     assert any(
-        line.startswith(f"{digest}:") and "chart.png" in line for line in must_fix.stdout.splitlines()
+        line.startswith(f"{digest}:") and "chart.png" in line
+        for line in must_fix.stdout.splitlines()
     )
 
     (clean_env / "latin1.md").write_bytes(b"# caf\xe9\n")
@@ -90,7 +95,9 @@ def test_check_exit_codes(runner: CliRunner, fixtures_dir: Path, clean_env: Path
 
 def test_check_reports_bad_link_with_line(runner: CliRunner, clean_env: Path) -> None:
     """A javascript: link is reported at its line and makes check exit 1."""
-    (clean_env / "d.md").write_text("---\ntitle: T\n---\n\ntext\n[x](javascript:void(0))\n", "utf-8")
+    (clean_env / "d.md").write_text(
+        "---\ntitle: T\n---\n\ntext\n[x](javascript:void(0))\n", "utf-8"
+    )
     result = runner.invoke(main, ["check", "d.md"])
     assert result.exit_code == 1
     assert result.stdout.startswith("d.md:6: error: link")
@@ -104,7 +111,9 @@ def test_bad_config_is_one_line_naming_variable(
     monkeypatch.setenv("NEWSLETTER_SMTP_PORT", "twenty-five")
     result = runner.invoke(main, ["render", str(digest)])
     assert result.exit_code == 2
-    assert result.stderr.strip() == "error: NEWSLETTER_SMTP_PORT: 'twenty-five' is not a whole number"
+    assert (
+        result.stderr.strip() == "error: NEWSLETTER_SMTP_PORT: 'twenty-five' is not a whole number"
+    )
 
 
 def test_unknown_option_is_usage_error(runner: CliRunner) -> None:

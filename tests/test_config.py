@@ -17,7 +17,11 @@ def test_defaults() -> None:
     settings = load_settings({}, NO_DOTENV)
     assert settings.database_url == "sqlite:///subscribers/newsletter.db"
     assert settings.smtp_host is None and settings.outbox_dir == Path("outbox")
-    assert (settings.smtp_port, settings.smtp_security, settings.smtp_connections) == (587, "starttls", 4)
+    assert (settings.smtp_port, settings.smtp_security, settings.smtp_connections) == (
+        587,
+        "starttls",
+        4,
+    )
 
 
 def test_dotenv_is_read_and_environment_wins(tmp_path: Path) -> None:

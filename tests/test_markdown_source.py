@@ -41,7 +41,7 @@ def test_tables_footnotes_fenced_code_and_raw_html() -> None:
     """The Markdown bloggers use: tables, footnotes, fenced code, raw HTML blocks."""
     html = markdown_to_html(
         "| a | b |\n|---|---|\n| 1 | 2 |\n\nText[^1]\n\n```py\nx = 1\n```\n\n"
-        "<div class=\"note\">raw</div>\n\n[^1]: note\n"
+        '<div class="note">raw</div>\n\n[^1]: note\n'
     )
     assert "<table>" in html and "<td>1</td>" in html
     assert 'class="footnote"' in html

@@ -37,7 +37,7 @@ def _assert_email_invariants(html: str, text: str, subject: str, video_ids: list
     for video in video_ids:
         links = tree.xpath(f'//a[starts-with(@href, "https://www.youtube.com/watch?v={video}")]')
         assert links, video
-        assert links[0].xpath(".//img[contains(@src, 'ytimg.com/vi/%s/')]" % video)
+        assert links[0].xpath(f".//img[contains(@src, 'ytimg.com/vi/{video}/')]")
     for tag in ("p", "a", "h2", "li", "blockquote"):
         elements = tree.xpath(f"//body//{tag}")
         assert elements, tag
@@ -69,7 +69,9 @@ def test_shared_sample_digest() -> None:
     tree = lxml_html.fromstring(html)
     nested = tree.xpath("//li[contains(., 'Synthesia')]/ul/li")
     assert len(nested) == 3
-    assert tree.xpath('//img[@src="https://blog.example.com/posts/2020-09-22-analytics-netflix.png"]')
+    assert tree.xpath(
+        '//img[@src="https://blog.example.com/posts/2020-09-22-analytics-netflix.png"]'
+    )
 
 
 def test_preheader_is_first_in_body_and_hidden(fixtures_dir: Path) -> None:
@@ -117,7 +119,7 @@ def test_unsafe_links_and_active_content_never_reach_the_email(tmp_path: Path) -
         "# T\n\n[bad](javascript:alert(1)) and a note[^1]\n\n"
         "<script>alert('x')</script>\n\n<form action='x'><input></form>\n\n"
         "<object data='x.swf'></object><embed src='y.swf'>\n\n"
-        "<p onclick=\"steal()\">click</p>\n\n[^1]: the note\n",
+        '<p onclick="steal()">click</p>\n\n[^1]: the note\n',
         "utf-8",
     )
     issue, html, text = _render(path)
@@ -136,7 +138,11 @@ def test_personal_fields_are_placeholders_escaped_per_recipient(fixtures_dir: Pa
         load_settings({}, dotenv_path=Path("/nonexistent")),
     )
     assert placeholder("unsubscribe_url") in issue.html
-    values = {"name": "<b>Bob</b> & co", "email": "bob@example.com", "unsubscribe_url": "https://x/u/T"}
+    values = {
+        "name": "<b>Bob</b> & co",
+        "email": "bob@example.com",
+        "unsubscribe_url": "https://x/u/T",
+    }
     html, text = issue.personalize(values)
     assert "&lt;b&gt;Bob&lt;/b&gt; &amp; co will find here" in html
     assert "<b>Bob</b> & co will find here" in text
@@ -190,7 +196,9 @@ def test_renders_sample_digest_shipped_with_project() -> None:
 def test_oversized_html_is_reported(tmp_path: Path) -> None:
     """An HTML part over 100 KB is a must-fix finding (Gmail clips at 102 KB)."""
     path = tmp_path / "big.md"
-    path.write_text("# Big\n\n" + "\n\n".join(f"para {i} " + "x" * 200 for i in range(600)), "utf-8")
+    path.write_text(
+        "# Big\n\n" + "\n\n".join(f"para {i} " + "x" * 200 for i in range(600)), "utf-8"
+    )
     issue, _, _ = _render(path)
     assert any("Gmail clips" in f.message for f in issue.findings)
 
@@ -198,5 +206,5 @@ def test_oversized_html_is_reported(tmp_path: Path) -> None:
 def test_render_does_not_touch_the_network(tmp_path: Path, fixtures_dir: Path) -> None:
     """Rendering works with an asset base URL that does not resolve (no fetching)."""
     shutil.copy(fixtures_dir / "mojibake-digest.md", tmp_path / "d.md")
-    issue, html, _ = _render(tmp_path / "d.md", NEWSLETTER_ASSET_BASE_URL="https://invalid.invalid")
+    _issue, html, _ = _render(tmp_path / "d.md", NEWSLETTER_ASSET_BASE_URL="https://invalid.invalid")
     assert "https://invalid.invalid/chart.png" in html

@@ -18,8 +18,12 @@ DIGEST = click.Path(path_type=Path, dir_okay=False)
 
 @click.command()
 @click.argument("digest", type=DIGEST)
-@click.option("-o", "--output", type=click.Path(path_type=Path, dir_okay=False),
-              help="Write to FILE instead of stdout (written whole, or not at all).")
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="Write to FILE instead of stdout (written whole, or not at all).",
+)
 @click.option("--text", is_flag=True, help="Write the plain-text part instead of the HTML.")
 def render(digest: Path, output: Path | None, text: bool) -> None:
     """Write the finished email as a sample subscriber would get it.
