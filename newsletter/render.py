@@ -252,7 +252,11 @@ def render_issue(digest: Digest, settings: Settings) -> RenderedIssue:
     root = lxml_html.fragment_fromstring(markdown_to_html(digest.body), create_parent="div")
     findings = list(digest.findings)
     findings += _check_links(root, digest)
-    strip_active_content(root)
+    for removal in strip_active_content(root):
+        if " link " not in removal:  # bad links are reported by _check_links, with their line
+            tag = re.search(r"<(\w+)>", removal)
+            line = digest.line_of(f"<{tag.group(1)}") if tag else digest.body_line
+            findings.append(Finding(line, removal))
     embeds = replace_embeds(root)
     for embed in embeds:
         if not embed.known:

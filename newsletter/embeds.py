@@ -1,0 +1,347 @@
+"""Video embeds into email-safe linked thumbnails, and active content out of digests.
+
+Email clients show no iframes, run no scripts and drop forms, so a digest written for the web
+must lose them before it is mailed. Everything here is pure: strings and lxml trees in, strings,
+edited trees and findings out.
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+from dataclasses import dataclass, replace
+from urllib.parse import SplitResult, parse_qs, parse_qsl, quote, urlencode, urlsplit, urlunsplit
+
+import lxml.html
+from lxml.html import HtmlElement
+from lxml.html.builder import CLASS, E
+
+YOUTUBE_THUMBNAIL = "https://i.ytimg.com/vi/{id}/hqdefault.jpg"
+VIMEO_THUMBNAIL = "https://vumbnail.com/{id}.jpg"
+THUMBNAIL_WIDTH = "536"  # the 600 px layout less its side padding
+
+_YOUTUBE_HOSTS = frozenset(
+    {"youtube.com", "www.youtube.com", "m.youtube.com", "music.youtube.com", "youtu.be"}
+    | {"youtube-nocookie.com", "www.youtube-nocookie.com"}
+)
+_YOUTUBE_PATHS = frozenset({"embed", "shorts", "live", "v", "e"})
+_YOUTUBE_ID = re.compile(r"[A-Za-z0-9_-]{11}")
+_VIMEO_ID = re.compile(r"[0-9]+")
+_VIMEO_HASH = re.compile(r"[A-Za-z0-9]+")
+_DURATION = re.compile(r"(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s?)?")
+_HOST_PREFIXES = ("www.", "player.", "embed.")
+_LABELS = {"youtube": "YouTube", "vimeo": "Vimeo"}
+
+_FENCE = re.compile(r"\s*(`{3,}|~{3,})(.*)")
+_CODE_SPAN = re.compile(r"(?<!`)(`+)(?!`).*?(?<!`)\1(?!`)")
+_SHORTCODE = re.compile(
+    r"\{\{(?P<open>[<%])(?P<hugo>.*?)(?P<close>[>%])\}\}|\{%-?(?P<liquid>.*?)-?%\}"
+)
+_NAMED_ARG = re.compile(r"([A-Za-z_][\w-]*)=(.*)", re.DOTALL)
+_QUOTED_ID = re.compile(r"\bid\s*=\s*[\"']")
+_INCLUDES = {"youtube.html": "youtube", "vimeo.html": "vimeo"}
+
+_REMOVED_TAGS = frozenset(
+    {"script", "style", "object", "embed", "form", "applet", "frame", "frameset"}
+    | {"base", "link", "meta"}
+)
+_HEAD_TAGS = frozenset({"style", "link", "meta"})
+_LINK_SCHEMES = frozenset({"", "http", "https", "mailto", "cid"})
+_IMAGE_SCHEMES = frozenset({"", "http", "https", "cid"})
+
+
+@dataclass(frozen=True)
+class Embed:
+    """One video embed as the email shows it: a link, and a thumbnail when one is known."""
+
+    provider: str
+    url: str
+    thumbnail: str | None
+    title: str
+    known: bool
+    line: int | None = None
+
+
+def classify(src: str, title: str | None = None) -> Embed | None:
+    """Read an embed URL the way bloggers paste it; None when it is not an http(s) URL."""
+    url = src.strip()
+    if url.startswith("//"):
+        url = "https:" + url
+    parts = _split(url)
+    host = (parts.hostname or "").lower() if parts else ""
+    if parts is None or parts.scheme not in ("http", "https") or not host:
+        return None
+    name = " ".join((title or "").split())
+    return _youtube(parts, host, name) or _vimeo(parts, host, name) or _other(url, host, name)
+
+
+def _youtube(parts: SplitResult, host: str, title: str) -> Embed | None:
+    if host not in _YOUTUBE_HOSTS:
+        return None
+    query = parse_qs(parts.query)
+    segments = [segment for segment in parts.path.split("/") if segment]
+    if host == "youtu.be" and len(segments) == 1:
+        video_id = segments[0]
+    elif host != "youtu.be" and len(segments) == 2 and segments[0] in _YOUTUBE_PATHS:
+        video_id = segments[1]
+    elif host != "youtu.be" and segments == ["watch"]:
+        video_id = query.get("v", [""])[0]
+    else:
+        return None
+    if video_id == "videoseries" or not _YOUTUBE_ID.fullmatch(video_id):
+        return None
+    url = f"https://www.youtube.com/watch?v={video_id}"
+    if start := _start_seconds(parts):
+        url += f"&t={start}s"
+    thumbnail = YOUTUBE_THUMBNAIL.format(id=video_id)
+    return Embed("youtube", url, thumbnail, title or "YouTube video", True)
+
+
+def _vimeo(parts: SplitResult, host: str, title: str) -> Embed | None:
+    segments = [segment for segment in parts.path.split("/") if segment]
+    if host == "player.vimeo.com" and len(segments) == 2 and segments[0] == "video":
+        video_id, secret = segments[1], parse_qs(parts.query).get("h", [""])[0]
+    elif host in ("vimeo.com", "www.vimeo.com") and 1 <= len(segments) <= 2:
+        video_id, secret = segments[0], (segments[1:] or [""])[0]
+    else:
+        return None
+    if not _VIMEO_ID.fullmatch(video_id):
+        return None
+    url = f"https://vimeo.com/{video_id}"
+    if _VIMEO_HASH.fullmatch(secret):
+        url += f"/{secret}"
+    if start := _start_seconds(parts):
+        url += f"#t={start}s"
+    thumbnail = VIMEO_THUMBNAIL.format(id=video_id)
+    return Embed("vimeo", url, thumbnail, title or "Vimeo video", True)
+
+
+def _other(url: str, host: str, title: str) -> Embed:
+    provider = host
+    for prefix in _HOST_PREFIXES:
+        provider = provider.removeprefix(prefix)
+    return Embed(provider, url, None, title or f"Video on {provider}", False)
+
+
+def _start_seconds(parts: SplitResult) -> int | None:
+    """Start time from ``t``/``start`` in the query or fragment, as players accept either."""
+    for component in (parts.query, parts.fragment):
+        params = parse_qs(component)
+        for key in ("t", "start"):
+            for value in params.get(key, []):
+                if seconds := _seconds(value):
+                    return seconds
+    return None
+
+
+def _seconds(value: str) -> int | None:
+    match = _DURATION.fullmatch(value.strip().lower())
+    if not match or not any(match.groups()):
+        return None
+    hours, minutes, seconds = (int(group or 0) for group in match.groups())
+    return hours * 3600 + minutes * 60 + seconds or None
+
+
+def expand_shortcodes(source: str) -> str:
+    """Turn video shortcodes into iframes outside code, so one embed path handles them all.
+
+    Works line by line and never adds or removes a line, so later line numbers still point
+    into the digest file.
+    """
+    lines = source.split("\n")
+    fence: tuple[str, int] | None = None
+    for index, line in enumerate(lines):
+        match = _FENCE.fullmatch(line)
+        marker, info = (match[1], match[2]) if match else ("", "")
+        if fence is not None:
+            if marker[:1] == fence[0] and len(marker) >= fence[1] and not info.strip():
+                fence = None
+            lines[index] = _rewrite(line, in_code=True)
+        elif marker and not (marker[0] == "`" and "`" in info):
+            fence = (marker[0], len(marker))
+            lines[index] = _rewrite(line, in_code=True)
+        else:
+            lines[index] = _outside_code_spans(line)
+    return "\n".join(lines)
+
+
+def _outside_code_spans(line: str) -> str:
+    """Rewrite a line, treating `…`/``…`` spans (CommonMark's matching backtick runs) as code."""
+    pieces, start = [], 0
+    for span in _CODE_SPAN.finditer(line):
+        pieces += [_rewrite(line[start : span.start()], False), _rewrite(span[0], True)]
+        start = span.end()
+    return "".join([*pieces, _rewrite(line[start:], False)])
+
+
+def _rewrite(text: str, in_code: bool) -> str:
+    """Hugo's ``{{</* x */>}}`` means literal even inside code; real shortcodes only outside."""
+
+    def substitute(match: re.Match[str]) -> str:
+        if match["open"]:
+            body = match["hugo"].strip()
+            if len(body) >= 4 and body.startswith("/*") and body.endswith("*/"):
+                return "{{" + match["open"] + body[2:-2] + match["close"] + "}}"
+            if not in_code and match["open"] + match["close"] in ("<>", "%%"):
+                return _shortcode(body.removesuffix("/"), liquid=False) or match[0]
+        elif not in_code:
+            return _shortcode(match["liquid"], liquid=True) or match[0]
+        return match[0]
+
+    return _SHORTCODE.sub(substitute, text)
+
+
+def _arguments(body: str) -> tuple[str, list[str], dict[str, str]] | None:
+    try:
+        tokens = shlex.split(body)
+    except ValueError:
+        return None
+    if not tokens:
+        return None
+    positional: list[str] = []
+    named: dict[str, str] = {}
+    for token in tokens[1:]:
+        if match := _NAMED_ARG.fullmatch(token):
+            named[match[1].lower()] = match[2]
+        else:
+            positional.append(token)
+    return tokens[0].lower(), positional, named
+
+
+def _shortcode(body: str, liquid: bool) -> str | None:
+    """The iframe for a video shortcode's body, or None to leave the text as written."""
+    parsed = _arguments(body)
+    if parsed is None:
+        return None
+    name, positional, named = parsed
+    value = named.get("id") or named.get("src") or (positional or [""])[0]
+    if liquid and name == "include":
+        include = positional[0].lower() if positional else ""
+        provider = named.get("provider", "") if include in ("video", "video.html") else ""
+        name = _INCLUDES.get(include, provider.lower())
+        value = named.get("id", "") if _QUOTED_ID.search(body) else ""
+    if not value or (name not in _LABELS and name != "video"):
+        return None
+    src = value if name == "video" else _provider_src(name, value)
+    return _iframe(src, named.get("start"), named.get("title"))
+
+
+def _provider_src(provider: str, value: str) -> str:
+    if "/" in value:
+        return value
+    if provider == "vimeo":
+        return f"https://player.vimeo.com/video/{quote(value, safe='')}"
+    return f"https://www.youtube.com/embed/{quote(value, safe='')}"
+
+
+def _iframe(src: str, start: str | None, title: str | None) -> str:
+    """An iframe in Markdown, built by lxml so quotes in titles are escaped for us."""
+    seconds, parts = _seconds(start or ""), _split(src)
+    if seconds and parts:
+        query = [(key, value) for key, value in parse_qsl(parts.query) if key not in ("t", "start")]
+        src = urlunsplit(parts._replace(query=urlencode([*query, ("start", seconds)])))
+    attributes = {"src": src, "title": title} if title else {"src": src}
+    return lxml.html.tostring(E.iframe(**attributes), encoding="unicode")
+
+
+def replace_embeds(root: HtmlElement) -> list[Embed]:
+    """Replace every iframe and video with inline link markup that stays inside its <p>/<li>.
+
+    Returns the embeds in document order; an embed without a usable URL is simply removed.
+    """
+    embeds: list[Embed] = []
+    for element in list(root.iter("iframe", "video")):
+        if not any(ancestor is root for ancestor in element.iterancestors()):
+            continue
+        if embed := _embed_for(element):
+            embeds.append(embed)
+            nodes = _markup(embed)
+            for node in [E.p(*nodes)] if element.getparent() is root else nodes:
+                element.addprevious(node)
+        element.drop_tree()
+    return embeds
+
+
+def _embed_for(element: HtmlElement) -> Embed | None:
+    candidates = [element.get("src"), element.get("data-src")]
+    if element.tag == "video":
+        candidates = [element.get("src")] + [source.get("src") for source in element.iter("source")]
+    for src in candidates:
+        if src and (embed := classify(src, element.get("title"))):
+            poster = _split((element.get("poster") or "").strip())
+            if embed.thumbnail is None and poster and poster.scheme in ("http", "https"):
+                embed = replace(embed, thumbnail=poster.geturl())
+            return replace(embed, line=element.sourceline)
+    return None
+
+
+def _markup(embed: Embed) -> list[HtmlElement]:
+    label = _LABELS.get(embed.provider, embed.provider)
+    defaults = {f"{label} video", f"Video on {embed.provider}"}
+    caption = f"▶ Watch on {label}" + ("" if embed.title in defaults else f": {embed.title}")
+    if embed.thumbnail is None:
+        return [E.a(CLASS("nl-embed-card"), caption, href=embed.url)]
+    image = E.img(
+        CLASS("nl-embed-img"),
+        src=embed.thumbnail,
+        alt=f"Video: {embed.title}",
+        width=THUMBNAIL_WIDTH,
+    )
+    return [
+        E.a(CLASS("nl-embed"), image, href=embed.url),
+        E.br(),
+        E.a(CLASS("nl-embed-caption"), caption, href=embed.url),
+    ]
+
+
+def strip_active_content(root: HtmlElement) -> list[str]:
+    """Remove what an email must not carry (scripts, forms, handlers, script links), in place.
+
+    Iframes and videos are left to ``replace_embeds``, so the two can run in either order.
+    Returns one readable lint message per removal.
+    """
+    findings: list[str] = []
+    for element in list(root.iter()):
+        if not isinstance(element.tag, str) or not any(a is root for a in element.iterancestors()):
+            continue
+        tag = element.tag.lower()
+        in_head = any(ancestor.tag == "head" for ancestor in element.iterancestors())
+        if tag in _REMOVED_TAGS and not (in_head and tag in _HEAD_TAGS):
+            findings.append(f"removed <{tag}>")
+            element.drop_tree()
+            continue
+        for name in [name for name in element.attrib if name.lower().startswith("on")]:
+            del element.attrib[name]
+            findings.append(f"removed {name} attribute from <{tag}>")
+        if tag == "a" and (kind := _disallowed(element.get("href"), _LINK_SCHEMES)):
+            findings.append(f"removed {kind} link '{_snippet(element.text_content())}'")
+            element.drop_tag()
+        elif tag == "img" and (kind := _disallowed(element.get("src"), _IMAGE_SCHEMES)):
+            alt = element.get("alt", "")
+            findings.append(f"removed {kind} image '{_snippet(alt)}'")
+            element.tail = alt + (element.tail or "")
+            element.drop_tree()
+        elif tag == "noscript":
+            element.drop_tag()
+    return findings
+
+
+def _disallowed(url: str | None, allowed: frozenset[str]) -> str | None:
+    """A label such as "javascript:" when the URL's scheme is not allowed; None when it is."""
+    url = (url or "").strip()
+    parts = _split(url)
+    if url.startswith("#") or (parts and parts.scheme in allowed):
+        return None
+    return f"{parts.scheme}:" if parts else "unparsable"
+
+
+def _split(url: str) -> SplitResult | None:
+    try:
+        return urlsplit(url)
+    except ValueError:
+        return None
+
+
+def _snippet(text: str, limit: int = 40) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
