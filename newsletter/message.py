@@ -45,7 +45,13 @@ def address_header(name: str | None, address: str) -> str:
         return address
     if name.isascii():
         return formataddr((name, address))
-    return f"{Header(name, 'utf-8').encode(linesep=CRLF)} <{address}>"
+    return f"{_encode_header('To', name)} <{address}>"
+
+
+def _encode_header(name: str, value: str) -> str:
+    """A header value folded, and RFC 2047-encoded only when it is not ASCII."""
+    charset = "us-ascii" if value.isascii() else "utf-8"
+    return Header(clean_header_value(value), charset, header_name=name).encode(linesep=CRLF)
 
 
 def envelope_address(header: str) -> str:
@@ -118,7 +124,7 @@ class MessageTemplate:
         headers = [
             f"From: {clean_header_value(from_address)}",
             f"To: {placeholder('to_header')}",
-            f"Subject: {Header(issue.subject, 'utf-8', header_name='Subject').encode(linesep=CRLF)}",
+            f"Subject: {_encode_header('Subject', issue.subject)}",
             f"Date: {placeholder('date')}",
             f"Message-ID: <{placeholder('message_id')}>",
         ]

@@ -148,6 +148,13 @@ def _mark_personal_fields(root: lxml_html.HtmlElement) -> None:
             el.tail = _DIGEST_FIELD.sub(lambda m: placeholder(m.group(1)), el.tail)
 
 
+def _drop_title_heading(root: lxml_html.HtmlElement, title: str) -> None:
+    """The template shows the title; a leading ``# Title`` in the body would repeat it."""
+    first = root[0] if len(root) else None
+    if first is not None and first.tag == "h1" and first.text_content().strip() == title:
+        root.remove(first)
+
+
 def _check_links(root: lxml_html.HtmlElement, digest: Digest) -> list[Finding]:
     findings = []
     for link in root.iter("a"):
@@ -250,6 +257,7 @@ def _inline_css(document: str) -> str:
 def render_issue(digest: Digest, settings: Settings) -> RenderedIssue:
     """Render a digest once: HTML and text with personal placeholders, images, findings."""
     root = lxml_html.fragment_fromstring(markdown_to_html(digest.body), create_parent="div")
+    _drop_title_heading(root, digest.title)
     findings = list(digest.findings)
     findings += _check_links(root, digest)
     for removal in strip_active_content(root):
