@@ -79,7 +79,7 @@ def test_personal_fields_escaped_and_header_safe(sample_issue) -> None:
     """A hostile name is escaped in HTML, RFC 2047-encoded in To, and never breaks a header."""
     name = "Zoë <script>x</script>\r\nBcc: victim@example.com"
     message = _parse(_template(sample_issue).build(_recipient(name)))
-    assert "Bcc" not in message.keys()
+    assert "Bcc" not in message
     assert "victim" not in str(message["Bcc"] or "")
     assert message["To"].addresses[0].addr_spec == "ada@example.org"
     html = message.get_body(("html",)).get_content()
