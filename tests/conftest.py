@@ -62,3 +62,105 @@ def artifacts_dir() -> Path:
     """Where screenshots go, for a person to look at."""
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     return ARTIFACTS
+
+
+POSTGRES_URL_VARIABLE = "NEWSLETTER_TEST_POSTGRES_URL"
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path):
+    """A new, empty database: a SQLite file in tmp_path, and a PostgreSQL database of its own
+    (created for the test, dropped after) when NEWSLETTER_TEST_POSTGRES_URL is set."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'subscribers' / 'newsletter.db'}"
+        return
+    import os
+
+    base = os.environ.get(POSTGRES_URL_VARIABLE)
+    if not base:
+        pytest.skip(f"{POSTGRES_URL_VARIABLE} is not set")
+    yield from _fresh_postgres_database(base)
+
+
+def _fresh_postgres_database(base_url: str):
+    import uuid
+
+    from sqlalchemy import create_engine
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.pool import NullPool
+
+    name = f"newsletter_test_{uuid.uuid4().hex[:16]}"
+    admin = create_engine(base_url, isolation_level="AUTOCOMMIT", poolclass=NullPool)
+    try:
+        with admin.connect() as connection:
+            connection.exec_driver_sql(f'CREATE DATABASE "{name}"')
+        try:
+            yield make_url(base_url).set(database=name).render_as_string(hide_password=False)
+        finally:
+            with admin.connect() as connection:
+                connection.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        admin.dispose()
+
+
+@pytest.fixture
+def store(database_url: str):
+    """The store on a fresh database, migrated to the newest schema, closed after the test."""
+    from newsletter.store import open_store
+
+    with open_store(database_url) as opened:
+        yield opened
+
+
+@pytest.fixture
+def db_runner(runner: CliRunner, database_url: str, monkeypatch: pytest.MonkeyPatch) -> CliRunner:
+    """A click runner whose NEWSLETTER_DATABASE_URL is the test's fresh database."""
+    monkeypatch.setenv("NEWSLETTER_DATABASE_URL", database_url)
+    return runner
+
+
+@pytest.fixture(scope="session")
+def tls_cert(tmp_path_factory: pytest.TempPathFactory):
+    """A self-signed certificate for localhost and 127.0.0.1, made once with the openssl CLI."""
+    from smtp_sink import make_self_signed_cert
+
+    return make_self_signed_cert(tmp_path_factory.mktemp("tls"))
+
+
+@pytest.fixture
+def trust_tls_cert(tls_cert, monkeypatch: pytest.MonkeyPatch):
+    """Make ssl.create_default_context() trust the sink's certificate, as a real CA would be."""
+    monkeypatch.setenv("SSL_CERT_FILE", str(tls_cert.cert))
+    return tls_cert
+
+
+@pytest.fixture
+def smtp_sink():
+    """A plain SMTP server (PIPELINING, no AUTH) on a free 127.0.0.1 port: tests/smtp_sink.py."""
+    from smtp_sink import SmtpSink
+
+    with SmtpSink() as sink:
+        yield sink
+
+
+@pytest.fixture
+def make_smtp_sink():
+    """Start sinks with options (tls=, cert=, credentials=, pipelining=); stopped after the test."""
+    from smtp_sink import SmtpSink
+
+    sinks = []
+
+    def make(**options):
+        sink = SmtpSink(**options).start()
+        sinks.append(sink)
+        return sink
+
+    yield make
+    for sink in sinks:
+        sink.stop()
+
+
+@pytest.fixture
+def smtp_env(smtp_sink) -> dict[str, str]:
+    """NEWSLETTER_SMTP_* variables pointing at ``smtp_sink`` (security none, 5 s timeout)."""
+    return smtp_sink.env()

@@ -38,11 +38,17 @@ def settings(ctx: click.Context | None = None) -> Settings:
 def main() -> None:
     """Render Markdown digests into email and deliver them to your subscribers.
 
-    Configuration comes from NEWSLETTER_* environment variables and a .env file
-    in the working directory (see .env.example).
+    Settings: NEWSLETTER_* environment variables, or a .env file in the
+    working directory (every variable is described in .env.example).
     """
 
 
 from newsletter.cli import render as _render  # noqa: E402
 
 _render.register(main)
+
+from newsletter.cli import db as _db  # noqa: E402
+from newsletter.cli import subscribers as _subscribers  # noqa: E402
+
+_db.register(main)
+_subscribers.register(main)

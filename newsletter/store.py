@@ -1,0 +1,356 @@
+"""The database: models, engine and sessions.
+
+One SQLAlchemy schema serves the embedded SQLite file (the default,
+``sqlite:///subscribers/newsletter.db``) and PostgreSQL (``postgresql+psycopg://…``).
+The Alembic migrations in ``newsletter/migrations`` own the schema: :func:`open_store`
+applies the missing ones (:mod:`newsletter.migrate`), so a new install and an upgraded
+package both find the tables they expect, with their data kept.
+
+Statuses, held by CHECK constraints:
+
+    subscribers.status    pending       signed up, waiting for the confirmation click
+                          active        gets every issue
+                          unsubscribed  asked to stop; the row stays so they are never mailed again
+                          bounced       the server said the address does not exist (5.1.x)
+                          complained    marked an issue as spam
+    issues.status         sending       created with its ledger (one delivery per active
+                                        subscriber) in one transaction; unfinished, resumable
+                          sent          every delivery reached a final state
+                          cancelled     stopped by the user; its queued deliveries are skipped
+    deliveries.status     queued → sending → sent | failed | bounced, or skipped
+    outbound_mail.status  queued → sent | failed  (one-off mail such as confirmations)
+
+An issue's totals are columns, not derived from its deliveries, because purging a
+subscriber deletes their delivery rows and an issue's history must not change with it;
+:func:`delivery_counts` gives the live figures while it sends.
+
+Timestamps are timezone-aware UTC on both backends (:class:`UtcDateTime`).
+"""
+
+from __future__ import annotations
+
+import secrets
+import sqlite3
+import time
+from contextlib import AbstractContextManager
+from datetime import UTC, datetime
+from pathlib import Path
+
+from sqlalchemy import (
+    BigInteger,
+    CheckConstraint,
+    DateTime,
+    Dialect,
+    Engine,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    String,
+    Text,
+    UniqueConstraint,
+    create_engine,
+    event,
+    func,
+    insert,
+    select,
+)
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+from sqlalchemy.types import TypeDecorator
+
+from newsletter.config import Settings
+from newsletter.errors import ConfigError
+from newsletter.migrate import current_revision, upgrade
+
+SUBSCRIBER_STATUSES = ("pending", "active", "unsubscribed", "bounced", "complained")
+STOPPED_STATUSES = ("unsubscribed", "bounced", "complained")
+SOURCES = ("cli", "import", "form")
+ISSUE_STATUSES = ("sending", "sent", "cancelled")
+DELIVERY_STATUSES = ("queued", "sending", "sent", "failed", "bounced", "skipped")
+OUTBOUND_STATUSES = ("queued", "sent", "failed")
+
+SECRET_KEY_SETTING = "secret_key"
+SQLITE_BUSY_SECONDS = 30
+SQLITE_PRAGMAS = (
+    f"busy_timeout={SQLITE_BUSY_SECONDS * 1000}",
+    "journal_mode=WAL",
+    "foreign_keys=ON",
+    "synchronous=NORMAL",
+)
+
+NAMING_CONVENTION = {
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+# Row ids that may pass two billion on a busy list; SQLite needs INTEGER to autoincrement.
+BigId = BigInteger().with_variant(Integer(), "sqlite")
+
+
+def utcnow() -> datetime:
+    """The current time, aware and in UTC, as every timestamp column expects."""
+    return datetime.now(UTC)
+
+
+def _one_of(column: str, values: tuple[str, ...]) -> str:
+    return f"{column} IN ({', '.join(repr(v) for v in values)})"
+
+
+class UtcDateTime(TypeDecorator[datetime]):
+    """Aware UTC datetimes on every backend: SQLite keeps no offset, so it stores UTC."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError(f"naive datetime {value!r}: use newsletter.store.utcnow()")
+        value = value.astimezone(UTC)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+
+
+class Subscriber(Base):
+    """One address; ``email`` is normalised and lower-cased, so UNIQUE is case-insensitive."""
+
+    __tablename__ = "subscribers"
+    __table_args__ = (
+        CheckConstraint(_one_of("status", SUBSCRIBER_STATUSES), name="status"),
+        CheckConstraint(_one_of("source", SOURCES), name="source"),
+    )
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    email: Mapped[str] = mapped_column(String(320), unique=True)
+    name: Mapped[str | None] = mapped_column(String(200))
+    status: Mapped[str] = mapped_column(String(16), index=True)
+    source: Mapped[str] = mapped_column(String(16))
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
+    confirmed_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+    # When mail to them stopped: unsubscribed, bounced or complained.
+    unsubscribed_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+
+
+class Issue(Base):
+    """One digest sent (or being sent) to the list."""
+
+    __tablename__ = "issues"
+    __table_args__ = (CheckConstraint(_one_of("status", ISSUE_STATUSES), name="status"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    digest_path: Mapped[str] = mapped_column(Text)
+    # The file name alone: "already sent" compares names, wherever the file was sent from.
+    digest_name: Mapped[str] = mapped_column(String(255), index=True)
+    content_hash: Mapped[str] = mapped_column(String(64), index=True)
+    subject: Mapped[str] = mapped_column(Text)
+    status: Mapped[str] = mapped_column(String(16), default="sending")
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
+    started_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+    finished_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+    recipient_count: Mapped[int] = mapped_column(default=0, server_default="0")
+    sent_count: Mapped[int] = mapped_column(default=0, server_default="0")
+    failed_count: Mapped[int] = mapped_column(default=0, server_default="0")
+    # The rendered email (JSON: subject, html, text, inline images) every delivery is made from.
+    rendered: Mapped[bytes | None] = mapped_column(LargeBinary)
+
+
+class Delivery(Base):
+    """The ledger: one row per (issue, subscriber), so nobody gets an issue twice."""
+
+    __tablename__ = "deliveries"
+    __table_args__ = (
+        UniqueConstraint("issue_id", "subscriber_id"),
+        CheckConstraint(_one_of("status", DELIVERY_STATUSES), name="status"),
+        Index(None, "issue_id", "status"),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    issue_id: Mapped[int] = mapped_column(ForeignKey("issues.id", ondelete="CASCADE"))
+    subscriber_id: Mapped[int] = mapped_column(
+        ForeignKey("subscribers.id", ondelete="CASCADE"), index=True
+    )
+    email: Mapped[str] = mapped_column(String(320))  # the address when the send started
+    status: Mapped[str] = mapped_column(String(16), default="queued")
+    attempts: Mapped[int] = mapped_column(default=0, server_default="0")
+    last_answer: Mapped[str | None] = mapped_column(Text)
+    message_id: Mapped[str | None] = mapped_column(String(255))
+    claimed_by: Mapped[str | None] = mapped_column(Text)
+    claimed_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+    next_attempt_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+    sent_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+
+
+class Setting(Base):
+    """Values the application generates once and keeps, such as the token secret key."""
+
+    __tablename__ = "settings"
+
+    key: Mapped[str] = mapped_column(String(64), primary_key=True)
+    value: Mapped[str] = mapped_column(Text)
+
+
+class SignupAttempt(Base):
+    """One signup through the web form, keyed by address or client IP, for rate limiting."""
+
+    __tablename__ = "signup_attempts"
+    __table_args__ = (Index(None, "key", "attempted_at"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    key: Mapped[str] = mapped_column(String(320))
+    attempted_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
+
+
+class OutboundMail(Base):
+    """A one-off message (a confirmation) queued with its subscriber change, sent after commit."""
+
+    __tablename__ = "outbound_mail"
+    __table_args__ = (
+        CheckConstraint(_one_of("status", OUTBOUND_STATUSES), name="status"),
+        Index(None, "status", "next_attempt_at"),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    recipient: Mapped[str] = mapped_column(String(320), index=True)
+    subject: Mapped[str] = mapped_column(Text)
+    body: Mapped[bytes] = mapped_column(LargeBinary)  # the whole RFC 5322 message
+    status: Mapped[str] = mapped_column(String(16), default="queued")
+    attempts: Mapped[int] = mapped_column(default=0, server_default="0")
+    last_answer: Mapped[str | None] = mapped_column(Text)
+    next_attempt_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
+    sent_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+
+
+class Store:
+    """An engine and its session factory; close it (or use ``with``) to release connections."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.sessionmaker = sessionmaker(engine, expire_on_commit=False)
+
+    def session(self) -> Session:
+        """A session for reads, or for writes the caller commits itself."""
+        return self.sessionmaker()
+
+    def begin(self) -> AbstractContextManager[Session]:
+        """A session in a transaction: committed when the block ends, rolled back on error."""
+        return self.sessionmaker.begin()
+
+    def revision(self) -> str | None:
+        """The migration the database is at."""
+        return current_revision(self.engine)
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+def make_engine(url: str | URL) -> Engine:
+    """An engine for ``url``: SQLite set up to be shared by processes; PostgreSQL on psycopg 3."""
+    url = make_url(url)
+    if url.drivername in ("postgresql", "postgres"):
+        url = url.set(drivername="postgresql+psycopg")  # psycopg2 is not a dependency
+    if url.get_backend_name() != "sqlite":
+        return create_engine(url, pool_pre_ping=True)
+    if url.database and url.database != ":memory:" and not url.database.startswith("file:"):
+        parent = Path(url.database).parent
+        try:
+            parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(
+                f"NEWSLETTER_DATABASE_URL: cannot create {parent}: {exc.strerror}"
+            ) from None
+    engine = create_engine(url)
+    event.listen(engine, "connect", _sqlite_pragmas)
+    return engine
+
+
+def _sqlite_pragmas(dbapi_connection, _record) -> None:
+    cursor = dbapi_connection.cursor()
+    try:
+        for pragma in SQLITE_PRAGMAS:
+            _execute_when_unlocked(cursor, f"PRAGMA {pragma}")
+    finally:
+        cursor.close()
+
+
+def _execute_when_unlocked(cursor: sqlite3.Cursor, statement: str) -> None:
+    """Retry while the file is locked: switching a new file to WAL ignores the busy timeout."""
+    deadline = time.monotonic() + SQLITE_BUSY_SECONDS
+    while True:
+        try:
+            cursor.execute(statement)
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.02)
+
+
+def open_store(source: Settings | str | URL) -> Store:
+    """Connect to the configured database and bring its schema up to date."""
+    url = source.database_url if isinstance(source, Settings) else source
+    engine = make_engine(url)
+    try:
+        upgrade(engine)
+    except OperationalError as exc:
+        engine.dispose()
+        reason = str(exc.orig).strip().splitlines()[0] if exc.orig else str(exc)
+        where = engine.url.render_as_string(hide_password=True)
+        raise ConfigError(f"NEWSLETTER_DATABASE_URL: cannot open {where}: {reason}") from None
+    except BaseException:
+        engine.dispose()
+        raise
+    return Store(engine)
+
+
+def get_or_create_secret_key(engine: Engine) -> str:
+    """The key that signs tokens when ``NEWSLETTER_SECRET_KEY`` is unset: made once, then shared.
+
+    Every process (web app, scheduler, send) reads the same row, so links signed by one
+    are accepted by the others and survive restarts.
+    """
+    query = select(Setting.value).where(Setting.key == SECRET_KEY_SETTING)
+    with engine.begin() as connection:
+        existing = connection.scalar(query)
+    if existing:
+        return existing
+    try:
+        with engine.begin() as connection:
+            connection.execute(
+                insert(Setting).values(key=SECRET_KEY_SETTING, value=secrets.token_urlsafe(32))
+            )
+    except IntegrityError:
+        pass  # another process stored its key first; everyone uses that one
+    with engine.begin() as connection:
+        return connection.scalar(query)
+
+
+def delivery_counts(session: Session, issue_id: int) -> dict[str, int]:
+    """How many of an issue's deliveries are in each status, every status present."""
+    rows = session.execute(
+        select(Delivery.status, func.count())
+        .where(Delivery.issue_id == issue_id)
+        .group_by(Delivery.status)
+    )
+    return {status: 0 for status in DELIVERY_STATUSES} | {status: n for status, n in rows}

@@ -1,0 +1,280 @@
+"""The store: engine, migrations, constraints and the settings table, on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import threading
+from datetime import UTC, datetime, timedelta, timezone
+from pathlib import Path
+
+import pytest
+from alembic import command
+from alembic.autogenerate import compare_metadata
+from alembic.runtime.migration import MigrationContext
+from sqlalchemy import inspect, select, text
+from sqlalchemy.exc import IntegrityError, StatementError
+
+from newsletter.config import Settings
+from newsletter.errors import ConfigError
+from newsletter.migrate import alembic_config, head_revision, upgrade
+from newsletter.store import (
+    Base,
+    Delivery,
+    Issue,
+    OutboundMail,
+    SignupAttempt,
+    Store,
+    Subscriber,
+    delivery_counts,
+    get_or_create_secret_key,
+    make_engine,
+    open_store,
+    utcnow,
+)
+
+TABLES = {"subscribers", "issues", "deliveries", "settings", "signup_attempts", "outbound_mail"}
+
+
+def _subscriber(email: str = "ann@example.com", status: str = "active") -> Subscriber:
+    return Subscriber(email=email, status=status, source="cli")
+
+
+def _issue() -> Issue:
+    return Issue(digest_path="digests/a.md", digest_name="a.md", content_hash="0" * 64, subject="A")
+
+
+def test_first_use_creates_the_newest_schema(store: Store) -> None:
+    """Opening a new database applies every migration and creates every table."""
+    assert store.revision() == head_revision() == "0003"
+    assert set(inspect(store.engine).get_table_names()) >= TABLES
+
+
+def test_models_match_the_migrations(store: Store) -> None:
+    """The models and the newest migration describe the same schema (nothing to autogenerate)."""
+    with store.engine.connect() as connection:
+        context = MigrationContext.configure(connection, opts={"compare_type": True})
+        assert compare_metadata(context, Base.metadata) == []
+
+
+def test_open_store_accepts_settings(database_url: str) -> None:
+    """open_store takes the Settings object every command has, and a second open keeps the data."""
+    with open_store(Settings(database_url=database_url)) as first, first.begin() as session:
+        session.add(_subscriber())
+    with open_store(Settings(database_url=database_url)) as second, second.session() as session:
+        assert session.scalar(select(Subscriber.email)) == "ann@example.com"
+
+
+def test_upgrade_from_the_first_migration_keeps_data(database_url: str) -> None:
+    """A database made by migration 0001, with data in it, upgrades to the newest and keeps it."""
+    engine = make_engine(database_url)
+    try:
+        upgrade(engine, "0001")
+        with engine.begin() as connection:
+            connection.execute(
+                text(
+                    "INSERT INTO subscribers (email, name, status, source, created_at) "
+                    "VALUES ('ann@example.com', 'Zoë', 'active', 'import', :now)"
+                ),
+                {"now": datetime(2024, 5, 1, 12, 0)},
+            )
+            connection.execute(
+                text(
+                    "INSERT INTO issues (digest_path, digest_name, content_hash, subject, status,"
+                    " created_at) VALUES ('d/a.md', 'a.md', 'abc', 'A', 'sent', :now)"
+                ),
+                {"now": datetime(2024, 5, 2, 12, 0)},
+            )
+            connection.execute(
+                text(
+                    "INSERT INTO deliveries (issue_id, subscriber_id, email, status) "
+                    "SELECT i.id, s.id, s.email, 'sent' FROM issues i, subscribers s"
+                )
+            )
+            connection.execute(text("INSERT INTO settings (key, value) VALUES ('secret_key', 'k')"))
+        assert "outbound_mail" not in inspect(engine).get_table_names()
+    finally:
+        engine.dispose()
+
+    with open_store(database_url) as store, store.begin() as session:
+        assert store.revision() == head_revision()
+        subscriber = session.scalars(select(Subscriber)).one()
+        assert (subscriber.email, subscriber.name, subscriber.status) == (
+            "ann@example.com",
+            "Zoë",
+            "active",
+        )
+        assert subscriber.created_at == datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
+        delivery = session.scalars(select(Delivery)).one()
+        assert (delivery.subscriber_id, delivery.status) == (subscriber.id, "sent")
+        assert get_or_create_secret_key(store.engine) == "k"
+        session.add(OutboundMail(recipient="ann@example.com", subject="Confirm", body=b"x"))
+        session.add(SignupAttempt(key="ann@example.com"))
+
+
+def test_migrations_downgrade_and_upgrade_again(database_url: str) -> None:
+    """Every migration can be undone down to an empty database and applied again."""
+    with open_store(database_url) as store:
+        with store.engine.connect() as connection:
+            command.downgrade(alembic_config(connection), "base")
+            connection.commit()
+        assert not TABLES & set(inspect(store.engine).get_table_names())
+        upgrade(store.engine)
+        assert store.revision() == head_revision()
+
+
+def test_a_database_newer_than_the_package_is_refused(database_url: str) -> None:
+    """A schema from a newer version of newsletter is a one-line error, not a crash mid-way."""
+    with open_store(database_url) as store, store.engine.begin() as connection:
+        connection.execute(text("UPDATE alembic_version SET version_num = '9999'"))
+    with pytest.raises(ConfigError, match=r"revision 9999, newer than .*upgrade newsletter"):
+        open_store(database_url)
+
+
+def test_processes_starting_at_once_migrate_once(database_url: str) -> None:
+    """Several processes opening a new database together all succeed (the migration is locked)."""
+    barrier = threading.Barrier(4)
+    errors: list[BaseException] = []
+
+    def open_it() -> None:
+        barrier.wait()
+        try:
+            open_store(database_url).close()
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=open_it) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    with open_store(database_url) as store:
+        assert store.revision() == head_revision()
+
+
+def test_sqlite_is_set_up_for_sharing(tmp_path: Path) -> None:
+    """The SQLite file and its folder are created, in WAL mode with a busy timeout, even on the
+    connection that ran the migrations."""
+    with open_store(f"sqlite:///{tmp_path / 'new' / 'folder' / 'newsletter.db'}") as store:
+        assert (tmp_path / "new" / "folder" / "newsletter.db").is_file()
+        with store.engine.connect() as connection:
+            pragma = {
+                name: connection.exec_driver_sql(f"PRAGMA {name}").scalar()
+                for name in ("journal_mode", "busy_timeout", "foreign_keys", "synchronous")
+            }
+    assert pragma == {
+        "journal_mode": "wal",
+        "busy_timeout": 30000,
+        "foreign_keys": 1,
+        "synchronous": 1,
+    }
+
+
+def test_sqlite_folder_that_cannot_be_made_is_a_config_error(tmp_path: Path) -> None:
+    """A database path under a regular file is a one-line error naming the variable."""
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ConfigError, match=r"^NEWSLETTER_DATABASE_URL: cannot create .*file"):
+        make_engine(f"sqlite:///{tmp_path / 'file' / 'newsletter.db'}")
+
+
+def test_plain_postgresql_urls_use_psycopg_3() -> None:
+    """postgresql:// and postgres:// URLs use psycopg 3, the driver that is installed."""
+    for url in ("postgresql://u@db.example.com/n", "postgres://u@db.example.com/n"):
+        engine = make_engine(url)
+        assert engine.dialect.driver == "psycopg"
+        engine.dispose()
+
+
+def test_unreachable_database_is_a_one_line_error() -> None:
+    """A database that refuses connections is one line naming the variable, without the password."""
+    with pytest.raises(ConfigError) as caught:
+        open_store("postgresql+psycopg://postgres:hunter2@127.0.0.1:1/newsletter")
+    message = str(caught.value)
+    assert message.startswith("NEWSLETTER_DATABASE_URL: cannot open ")
+    assert "hunter2" not in message and "\n" not in message
+
+
+def test_timestamps_are_aware_utc(store: Store) -> None:
+    """A time stored in any zone comes back as the same instant in UTC, on both backends."""
+    paris = datetime(2024, 3, 1, 9, 30, tzinfo=timezone(timedelta(hours=1)))
+    with store.begin() as session:
+        session.add(
+            Subscriber(email="a@example.com", status="active", source="cli", created_at=paris)
+        )
+    with store.session() as session:
+        stored = session.scalar(select(Subscriber.created_at))
+    assert stored == paris and stored.tzinfo == UTC
+
+
+def test_naive_timestamps_are_refused(store: Store) -> None:
+    """A naive datetime is a programming error, refused before it reaches the database."""
+    with pytest.raises(StatementError, match="naive datetime"), store.begin() as session:
+        naive = datetime(2024, 1, 1)
+        session.add(
+            Subscriber(email="a@example.com", status="active", source="cli", created_at=naive)
+        )
+
+
+def test_unknown_status_is_refused_by_the_database(store: Store) -> None:
+    """CHECK constraints keep statuses honest even for code that skips the library."""
+    with pytest.raises(IntegrityError), store.begin() as session:
+        session.add(_subscriber(status="vip"))
+
+
+def test_one_delivery_per_issue_and_subscriber(store: Store) -> None:
+    """The ledger refuses a second delivery row for the same issue and subscriber."""
+    with store.begin() as session:
+        subscriber, issue = _subscriber(), _issue()
+        session.add_all([subscriber, issue])
+        session.flush()
+        session.add(
+            Delivery(issue_id=issue.id, subscriber_id=subscriber.id, email=subscriber.email)
+        )
+    with pytest.raises(IntegrityError), store.begin() as session:
+        session.add(
+            Delivery(issue_id=issue.id, subscriber_id=subscriber.id, email=subscriber.email)
+        )
+
+
+def test_deleting_a_subscriber_deletes_their_deliveries(store: Store) -> None:
+    """Foreign keys are enforced (on SQLite too): deliveries go with their subscriber."""
+    with store.begin() as session:
+        subscriber, issue = _subscriber(), _issue()
+        session.add_all([subscriber, issue])
+        session.flush()
+        session.add(
+            Delivery(issue_id=issue.id, subscriber_id=subscriber.id, email=subscriber.email)
+        )
+    with store.begin() as session:
+        session.execute(text("DELETE FROM subscribers"))
+    with store.session() as session:
+        assert session.scalars(select(Delivery)).all() == []
+
+
+def test_delivery_counts_cover_every_status(store: Store) -> None:
+    """An issue's live counts list every delivery status, zero where none."""
+    with store.begin() as session:
+        issue = _issue()
+        subscribers = [_subscriber(f"s{n}@example.com") for n in range(3)]
+        session.add_all([issue, *subscribers])
+        session.flush()
+        for subscriber, status in zip(subscribers, ["sent", "sent", "queued"], strict=True):
+            session.add(
+                Delivery(
+                    issue_id=issue.id,
+                    subscriber_id=subscriber.id,
+                    email=subscriber.email,
+                    status=status,
+                    sent_at=utcnow() if status == "sent" else None,
+                )
+            )
+    with store.session() as session:
+        counts = delivery_counts(session, issue.id)
+    assert counts == {"queued": 1, "sending": 0, "sent": 2, "failed": 0, "bounced": 0, "skipped": 0}
+
+
+def test_secret_key_is_made_once_and_shared(database_url: str) -> None:
+    """The generated secret key is long, stored, and the same for every process that asks."""
+    with open_store(database_url) as first, open_store(database_url) as second:
+        key = get_or_create_secret_key(first.engine)
+        assert len(key) >= 40
+        assert get_or_create_secret_key(second.engine) == key
