@@ -206,5 +206,7 @@ def test_oversized_html_is_reported(tmp_path: Path) -> None:
 def test_render_does_not_touch_the_network(tmp_path: Path, fixtures_dir: Path) -> None:
     """Rendering works with an asset base URL that does not resolve (no fetching)."""
     shutil.copy(fixtures_dir / "mojibake-digest.md", tmp_path / "d.md")
-    _issue, html, _ = _render(tmp_path / "d.md", NEWSLETTER_ASSET_BASE_URL="https://invalid.invalid")
+    _issue, html, _ = _render(
+        tmp_path / "d.md", NEWSLETTER_ASSET_BASE_URL="https://invalid.invalid"
+    )
     assert "https://invalid.invalid/chart.png" in html
