@@ -52,3 +52,9 @@ from newsletter.cli import subscribers as _subscribers  # noqa: E402
 
 _db.register(main)
 _subscribers.register(main)
+
+from newsletter.cli import issues as _issues  # noqa: E402
+from newsletter.cli import send as _send  # noqa: E402
+
+_send.register(main)
+_issues.register(main)

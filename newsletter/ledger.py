@@ -1,0 +1,350 @@
+"""The send ledger: one delivery row per (issue, subscriber) and its life.
+
+    queued ──claim──► sending ──server accepted──► sent
+       ▲                 │ 4xx / dropped ─► queued again (next_attempt_at), or failed at last
+       └──release/stale──┘ 5xx ─► failed; 5.1.x ─► bounced (and the subscriber too)
+
+A row becomes ``sent`` only after the server accepted its message, and a claim is
+taken and released row by row, never moved past rows that were fetched but not
+sent. So a process killed at any moment leaves at most its in-flight messages in
+doubt: rows it claimed are ``sending`` under its name and go back to ``queued``
+when it is known dead (same host, no such process) or its claim is stale.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import uuid
+from base64 import b64decode, b64encode
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from sqlalchemy import Connection, and_, exists, func, insert, literal, or_, select, text, update
+from sqlalchemy.orm import Session
+
+from newsletter.render import InlineImage, RenderedIssue
+from newsletter.store import Delivery, Issue, Store, Subscriber, delivery_counts, utcnow
+from newsletter.subscribers import unsubscribe
+
+OPEN_STATUSES = ("queued", "sending")
+STALE_CLAIM = timedelta(minutes=10)
+_ISSUE_LOCK = 0x6E6C6973  # PostgreSQL advisory lock held while an issue is created
+
+
+def new_owner() -> str:
+    """A name for this sending process, recorded on the rows it claims."""
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+def _owner_is_dead(owner: str) -> bool:
+    """True when ``owner`` ran on this host and its process is gone."""
+    host, _, rest = owner.partition(":")
+    pid = rest.partition(":")[0]
+    if host != socket.gethostname() or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
+@dataclass(frozen=True)
+class Claimed:
+    """A delivery this process owns until it records an outcome or releases it."""
+
+    id: int
+    subscriber_id: int
+    email: str
+    attempts: int
+    name: str | None
+    active: bool
+
+
+def serialise_rendered(issue: RenderedIssue) -> bytes:
+    """The rendered issue as stored with the issue, so a resume sends the very same email."""
+    return json.dumps(
+        {
+            "subject": issue.subject,
+            "preheader": issue.preheader,
+            "html": issue.html,
+            "text": issue.text,
+            "images": [
+                {
+                    "cid": i.cid,
+                    "filename": i.filename,
+                    "content_type": i.content_type,
+                    "data": b64encode(i.data).decode("ascii"),
+                }
+                for i in issue.images
+            ],
+        }
+    ).encode("utf-8")
+
+
+def load_rendered(blob: bytes) -> RenderedIssue:
+    """The :class:`RenderedIssue` stored by :func:`serialise_rendered`."""
+    data = json.loads(blob)
+    images = tuple(
+        InlineImage(i["cid"], i["filename"], i["content_type"], b64decode(i["data"]))
+        for i in data["images"]
+    )
+    return RenderedIssue(data["subject"], data["preheader"], data["html"], data["text"], images)
+
+
+def _write_lock(connection: Connection) -> None:
+    """Serialise issue creation across processes (two `send` runs started at once)."""
+    if connection.dialect.name == "sqlite":
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
+    else:
+        connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _ISSUE_LOCK})
+
+
+def find_issue(session: Session, digest_name: str, content_hash: str) -> Issue | None:
+    """The newest issue of this digest (same file name or same content), unfinished first."""
+    query = (
+        select(Issue)
+        .where(or_(Issue.digest_name == digest_name, Issue.content_hash == content_hash))
+        .where(Issue.status != "cancelled")
+        .order_by((Issue.status == "sending").desc(), Issue.id.desc())
+        .limit(1)
+    )
+    return session.scalars(query).first()
+
+
+def create_issue(
+    store: Store,
+    *,
+    digest_path: str,
+    digest_name: str,
+    content_hash: str,
+    rendered: RenderedIssue,
+    force: bool,
+) -> tuple[Issue, bool]:
+    """Create the issue and snapshot the active subscribers into queued deliveries.
+
+    Returns ``(issue, created)``; when another process created an unfinished issue
+    of the same digest first, that one is returned (``created`` False) to be shared.
+    One transaction: either the whole ledger exists or nothing does.
+    """
+    with store.engine.connect() as connection:
+        _write_lock(connection)
+        with Session(bind=connection, expire_on_commit=False) as session:
+            existing = find_issue(session, digest_name, content_hash)
+            if existing is not None and (existing.status == "sending" or not force):
+                connection.rollback()
+                return existing, False
+            now = utcnow()
+            issue = Issue(
+                digest_path=digest_path,
+                digest_name=digest_name,
+                content_hash=content_hash,
+                subject=rendered.subject,
+                status="sending",
+                created_at=now,
+                started_at=now,
+                rendered=serialise_rendered(rendered),
+            )
+            session.add(issue)
+            session.flush()
+            snapshot = select(
+                literal(issue.id), Subscriber.id, Subscriber.email, literal("queued"), literal(0)
+            ).where(Subscriber.status == "active")
+            columns = ["issue_id", "subscriber_id", "email", "status", "attempts"]
+            result = session.execute(insert(Delivery).from_select(columns, snapshot))
+            issue.recipient_count = result.rowcount
+            session.commit()
+            connection.commit()
+            return issue, True
+
+
+def claim(session: Session, issue_id: int, owner: str, limit: int) -> list[Claimed]:
+    """Take up to ``limit`` queued deliveries that are due; no other process can take them."""
+    now = utcnow()
+    due = (
+        select(Delivery.id)
+        .where(Delivery.issue_id == issue_id, Delivery.status == "queued")
+        .where(or_(Delivery.next_attempt_at.is_(None), Delivery.next_attempt_at <= now))
+        .order_by(Delivery.id)
+        .limit(limit)
+        .with_for_update(skip_locked=True)
+    )
+    rows = session.execute(
+        update(Delivery)
+        .where(Delivery.id.in_(due.scalar_subquery()))
+        .values(status="sending", claimed_by=owner, claimed_at=now, attempts=Delivery.attempts + 1)
+        .returning(Delivery.id, Delivery.subscriber_id, Delivery.email, Delivery.attempts)
+    ).all()
+    session.commit()
+    if not rows:
+        return []
+    people = dict(
+        (sid, (name, status))
+        for sid, name, status in session.execute(
+            select(Subscriber.id, Subscriber.name, Subscriber.status).where(
+                Subscriber.id.in_([r.subscriber_id for r in rows])
+            )
+        )
+    )
+    session.commit()
+    claimed = []
+    for row in sorted(rows, key=lambda r: r.id):
+        name, status = people.get(row.subscriber_id, (None, None))
+        claimed.append(
+            Claimed(row.id, row.subscriber_id, row.email, row.attempts, name, status == "active")
+        )
+    return claimed
+
+
+def _mine(delivery_id: int, owner: str):
+    return and_(
+        Delivery.id == delivery_id, Delivery.status == "sending", Delivery.claimed_by == owner
+    )
+
+
+def mark(session: Session, delivery_id: int, owner: str, status: str, **values) -> bool:
+    """Record a final or retry state for a claimed delivery; False if it was not ours any more."""
+    if status == "sent":
+        values.setdefault("sent_at", utcnow())
+    if status != "sending":
+        values.setdefault("claimed_by", None)
+    result = session.execute(
+        update(Delivery).where(_mine(delivery_id, owner)).values(status=status, **values)
+    )
+    return result.rowcount == 1
+
+
+def mark_bounced(session: Session, claimed: Claimed, owner: str, answer: str) -> None:
+    """A permanent user-unknown answer: the delivery and the subscriber are bounced."""
+    if mark(session, claimed.id, owner, "bounced", last_answer=answer):
+        unsubscribe(session, claimed.subscriber_id, status="bounced")
+
+
+def release(session: Session, delivery_ids: list[int], owner: str) -> None:
+    """Give back claimed deliveries that were never sent (a stop before their turn)."""
+    if delivery_ids:
+        session.execute(
+            update(Delivery)
+            .where(Delivery.id.in_(delivery_ids), Delivery.claimed_by == owner)
+            .where(Delivery.status == "sending")
+            .values(status="queued", claimed_by=None, attempts=Delivery.attempts - 1)
+        )
+
+
+def reclaim_abandoned(session: Session, issue_id: int) -> int:
+    """Requeue deliveries claimed by a process that died (same host) or went silent.
+
+    Their messages may or may not have reached the server before the crash: these
+    are the only ones that can go twice.
+    """
+    owners = session.scalars(
+        select(Delivery.claimed_by)
+        .where(Delivery.issue_id == issue_id, Delivery.status == "sending")
+        .distinct()
+    ).all()
+    dead = [owner for owner in owners if owner and _owner_is_dead(owner)]
+    stale_before = utcnow() - STALE_CLAIM
+    result = session.execute(
+        update(Delivery)
+        .where(Delivery.issue_id == issue_id, Delivery.status == "sending")
+        .where(or_(Delivery.claimed_by.in_(dead), Delivery.claimed_at < stale_before))
+        .values(status="queued", claimed_by=None)
+    )
+    session.commit()
+    return result.rowcount
+
+
+def next_due(session: Session, issue_id: int) -> tuple[int, datetime | None]:
+    """How many deliveries are still open, and when the earliest queued one is due."""
+    open_count, due = session.execute(
+        select(func.count(), func.min(Delivery.next_attempt_at)).where(
+            Delivery.issue_id == issue_id, Delivery.status.in_(OPEN_STATUSES)
+        )
+    ).one()
+    session.commit()
+    return open_count, due
+
+
+def waiting_on(session: Session, issue_id: int, owner: str) -> tuple[int, datetime | None]:
+    """Deliveries another worker may still need: queued ones (and when the first is due),
+    plus those claimed by other processes, which this one takes over if they die."""
+    queued, due = session.execute(
+        select(func.count(), func.min(Delivery.next_attempt_at)).where(
+            Delivery.issue_id == issue_id, Delivery.status == "queued"
+        )
+    ).one()
+    elsewhere = session.scalar(
+        select(func.count()).where(
+            Delivery.issue_id == issue_id,
+            Delivery.status == "sending",
+            Delivery.claimed_by != owner,
+        )
+    )
+    session.commit()
+    return queued + (elsewhere or 0), due
+
+
+def finish_if_done(session: Session, issue_id: int) -> bool:
+    """Mark the issue sent once no delivery is open; idempotent, safe from many processes."""
+    still_open = exists().where(Delivery.issue_id == issue_id, Delivery.status.in_(OPEN_STATUSES))
+    finished = session.execute(
+        update(Issue)
+        .where(Issue.id == issue_id, Issue.status == "sending", ~still_open)
+        .values(status="sent", finished_at=utcnow())
+    ).rowcount
+    if finished:
+        counts = delivery_counts(session, issue_id)
+        session.execute(
+            update(Issue)
+            .where(Issue.id == issue_id)
+            .values(sent_count=counts["sent"], failed_count=counts["failed"] + counts["bounced"])
+        )
+    session.commit()
+    return bool(finished) or session.get(Issue, issue_id).status == "sent"
+
+
+def describe_issues(session: Session, issue_id: int | None = None) -> list[dict]:
+    """Issues, newest first, with live delivery counts (queued, sent, failed, ...)."""
+    query = select(Issue).order_by(Issue.id.desc())
+    if issue_id is not None:
+        query = query.where(Issue.id == issue_id)
+    described = []
+    for issue in session.scalars(query):
+        counts = delivery_counts(session, issue.id)
+        described.append(
+            {
+                "id": issue.id,
+                "subject": issue.subject,
+                "digest": issue.digest_name,
+                "status": issue.status,
+                "recipients": issue.recipient_count,
+                "queued": counts["queued"] + counts["sending"],
+                "sent": counts["sent"] if issue.status != "sent" else issue.sent_count,
+                "failed": counts["failed"] + counts["bounced"]
+                if issue.status != "sent"
+                else issue.failed_count,
+                "skipped": counts["skipped"],
+                "created_at": issue.created_at.isoformat(timespec="seconds"),
+                "finished_at": issue.finished_at.isoformat(timespec="seconds")
+                if issue.finished_at
+                else None,
+            }
+        )
+    return described
+
+
+def failed_deliveries(
+    session: Session, issue_id: int, limit: int = 50
+) -> list[tuple[str, str, str]]:
+    """(address, status, last answer) of an issue's failed and bounced deliveries."""
+    rows = session.execute(
+        select(Delivery.email, Delivery.status, Delivery.last_answer)
+        .where(Delivery.issue_id == issue_id, Delivery.status.in_(("failed", "bounced")))
+        .order_by(Delivery.id)
+        .limit(limit)
+    )
+    return [(email, status, answer or "") for email, status, answer in rows]

@@ -1,0 +1,374 @@
+"""An issue's send: plan it, create its ledger, and deliver it with a pool of workers.
+
+The CLI's ``send`` and the scheduler's job call the same functions here. Each worker
+owns one reused transport (an SMTP connection, or the outbox), claims a small batch
+of queued deliveries, fills the issue's pre-encoded message for each recipient,
+sends it and records the answer before touching the next one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+
+from newsletter.config import Settings
+from newsletter.digest import MUST_FIX, Digest, load_digest
+from newsletter.errors import DeliveryError, InputError
+from newsletter.ledger import (
+    Claimed,
+    claim,
+    create_issue,
+    find_issue,
+    finish_if_done,
+    load_rendered,
+    mark,
+    mark_bounced,
+    new_owner,
+    next_due,
+    reclaim_abandoned,
+    release,
+    waiting_on,
+)
+from newsletter.message import MessageTemplate, Recipient, new_message_id
+from newsletter.pacing import Pacer
+from newsletter.render import RenderedIssue, render_issue
+from newsletter.store import Issue, Store, Subscriber, get_or_create_secret_key, utcnow
+from newsletter.tokens import Tokens, unsubscribe_url
+from newsletter.transports import Outcome, Transport, make_transport
+
+TransportFactory = Callable[[], Transport]
+
+
+@dataclass(frozen=True)
+class SendOptions:
+    """Knobs of the delivery loop; the defaults suit real providers, tests shrink them."""
+
+    batch_size: int = 20
+    max_attempts: int = 8
+    retry_base: float = 5.0
+    retry_max: float = 300.0
+    max_connection_failures: int = 5
+    idle_poll: float = 0.5
+
+
+@dataclass
+class SendReport:
+    """What a send did; ``open`` deliveries are left for ``send --resume``."""
+
+    issue_id: int
+    total: int = 0
+    sent: int = 0
+    failed: int = 0
+    bounced: int = 0
+    skipped: int = 0
+    retried: int = 0
+    open: int = 0
+    seconds: float = 0.0
+    failures: list[tuple[str, str]] = field(default_factory=list)
+    stopped_reason: str | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.open == 0
+
+    @property
+    def rate(self) -> float:
+        return self.sent / self.seconds if self.seconds > 0 else 0.0
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What ``send DIGEST`` is about to do, for the confirmation prompt and ``--dry-run``."""
+
+    digest: Digest
+    rendered: RenderedIssue
+    recipients: int
+    resume: Issue | None
+
+
+def content_hash(digest: Digest) -> str:
+    """Identity of a digest's content, for 'this was already sent' across renames."""
+    return hashlib.sha256(digest.source.encode("utf-8")).hexdigest()
+
+
+def secret_key(settings: Settings, store: Store) -> str:
+    """The configured key, or the one generated once and kept in the database."""
+    return settings.secret_key or get_or_create_secret_key(store.engine)
+
+
+def plan_send(store: Store, settings: Settings, path: Path | str, force: bool = False) -> Plan:
+    """Render the digest and decide: a new send, a resume, or a refusal (InputError)."""
+    digest = load_digest(path)
+    rendered = render_issue(digest, settings)
+    must_fix = [f for f in rendered.findings if f.severity == MUST_FIX]
+    if must_fix and not force:
+        first = must_fix[0]
+        raise InputError(
+            f"{digest.path}:{first.line}: {first.message} "
+            f"({len(must_fix)} problem(s); `newsletter check` lists them, --force sends anyway)"
+        )
+    with store.session() as session:
+        existing = find_issue(session, digest.path.name, content_hash(digest))
+        if existing is not None and existing.status == "sending":
+            open_count, _ = next_due(session, existing.id)
+            return Plan(digest, rendered, open_count, existing)
+        if existing is not None and not force:
+            raise InputError(
+                f"{digest.path}: already sent as issue {existing.id} "
+                f"({existing.finished_at:%Y-%m-%d %H:%M} UTC); --force sends it again"
+            )
+        active = session.query(Subscriber).filter(Subscriber.status == "active").count()
+    return Plan(digest, rendered, active, None)
+
+
+def start_send(store: Store, plan: Plan, force: bool = False) -> int:
+    """Create the issue and its ledger (or join the unfinished one); returns its id."""
+    if plan.resume is not None:
+        return plan.resume.id
+    issue, _ = create_issue(
+        store,
+        digest_path=str(plan.digest.path.resolve()),
+        digest_name=plan.digest.path.name,
+        content_hash=content_hash(plan.digest),
+        rendered=plan.rendered,
+        force=force,
+    )
+    return issue.id
+
+
+def check_transport(factory: TransportFactory) -> None:
+    """Connect, start TLS and log in once before any message (DeliveryError if refused)."""
+    transport = factory()
+    try:
+        transport.check()
+    finally:
+        transport.close()
+
+
+def transport_factory(settings: Settings) -> TransportFactory:
+    """One new transport per worker, as configured (SMTP, or the outbox folder)."""
+    return lambda: make_transport(settings)
+
+
+def send_test_copies(
+    settings: Settings,
+    rendered: RenderedIssue,
+    addresses: list[str],
+    factory: TransportFactory,
+    secret: str,
+) -> list[tuple[str, Outcome]]:
+    """Send ``--to`` copies: real messages, but no issue and no delivery is recorded."""
+    template = _template(settings, rendered)
+    tokens = Tokens(secret)
+    transport = factory()
+    try:
+        transport.check()
+        results = []
+        for address in addresses:
+            recipient = Recipient(
+                address,
+                None,
+                unsubscribe_url(settings.site_url, tokens.unsubscribe_token(address)),
+                new_message_id(template.domain),
+            )
+            results.append(
+                (
+                    address,
+                    transport.send(template.envelope_from, address, template.build(recipient)),
+                )
+            )
+        return results
+    finally:
+        transport.close()
+
+
+def _template(settings: Settings, rendered: RenderedIssue) -> MessageTemplate:
+    return MessageTemplate(
+        rendered,
+        from_address=settings.from_address,
+        list_name=settings.list_name,
+        site_url=settings.site_url,
+        reply_to=settings.reply_to,
+    )
+
+
+class Sender:
+    """Delivers one issue with ``settings.smtp_connections`` workers sharing one pace."""
+
+    def __init__(
+        self,
+        store: Store,
+        settings: Settings,
+        factory: TransportFactory | None = None,
+        options: SendOptions | None = None,
+        on_result: Callable[[str], None] | None = None,
+        stop: threading.Event | None = None,
+    ) -> None:
+        self.store = store
+        self.settings = settings
+        self.factory = factory or transport_factory(settings)
+        self.options = options or SendOptions()
+        self.on_result = on_result or (lambda status: None)
+        self.stop = stop or threading.Event()
+        self.owner = new_owner()
+        self.pacer = Pacer(settings.send_rate)
+        self._lock = threading.Lock()
+        self._tokens = Tokens(secret_key(settings, store))
+
+    def run(self, issue_id: int) -> SendReport:
+        """Deliver every open delivery of the issue that is due, then report."""
+        started = time.monotonic()
+        with self.store.session() as session:
+            issue = session.get(Issue, issue_id)
+            if issue is None:
+                raise InputError(f"issue {issue_id}: no such issue")
+            if issue.status != "sending":
+                raise InputError(f"issue {issue_id} is {issue.status}; nothing to resume")
+            report = SendReport(issue_id, total=issue.recipient_count)
+            reclaim_abandoned(session, issue_id)
+            template = _template(self.settings, load_rendered(issue.rendered))
+        workers = [
+            threading.Thread(target=self._work, args=(issue_id, template, report), daemon=True)
+            for _ in range(self.settings.smtp_connections)
+        ]
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            worker.join()
+        with self.store.session() as session:
+            finish_if_done(session, issue_id)
+            report.open, _ = next_due(session, issue_id)
+        report.seconds = time.monotonic() - started
+        return report
+
+    def _work(self, issue_id: int, template: MessageTemplate, report: SendReport) -> None:
+        transport = self.factory()
+        failures = 0
+        try:
+            with self.store.session() as session:
+                while not self.stop.is_set():
+                    batch = claim(session, issue_id, self.owner, self.options.batch_size)
+                    if not batch:
+                        if not self._wait_for_due(session, issue_id):
+                            return
+                        continue
+                    for index, delivery in enumerate(batch):
+                        if self.stop.is_set() or failures >= self.options.max_connection_failures:
+                            release(session, [d.id for d in batch[index:]], self.owner)
+                            session.commit()
+                            if failures >= self.options.max_connection_failures:
+                                self._stop_all(report, "the SMTP server cannot be reached")
+                            return
+                        outcome = self._deliver(session, transport, template, delivery, report)
+                        failures = failures + 1 if outcome and outcome.code is None else 0
+        finally:
+            transport.close()
+
+    def _wait_for_due(self, session, issue_id: int) -> bool:
+        """Nothing to claim now: wait for retries that are due later, or stop when all is done."""
+        open_count, due = waiting_on(session, issue_id, self.owner)
+        if open_count == 0:
+            return False  # what is left is in this process's other workers' hands
+        reclaim_abandoned(session, issue_id)
+        delay = self.options.idle_poll
+        if due is not None:
+            delay = min(max((due - utcnow()).total_seconds(), 0.01), self.options.idle_poll)
+        self.stop.wait(delay)
+        return True
+
+    def _deliver(
+        self,
+        session,
+        transport: Transport,
+        template: MessageTemplate,
+        delivery: Claimed,
+        report: SendReport,
+    ) -> Outcome | None:
+        if not delivery.active:
+            mark(session, delivery.id, self.owner, "skipped", last_answer="no longer subscribed")
+            session.commit()
+            self._count(report, "skipped")
+            return None
+        message_id = new_message_id(template.domain)
+        recipient = Recipient(
+            delivery.email,
+            delivery.name,
+            unsubscribe_url(self.settings.site_url, self._tokens.unsubscribe_token(delivery.email)),
+            message_id,
+        )
+        data = template.build(recipient)
+        self.pacer.wait()
+        outcome = transport.send(template.envelope_from, delivery.email, data)
+        self._record(session, delivery, outcome, message_id, report)
+        return outcome
+
+    def _record(
+        self, session, delivery: Claimed, outcome: Outcome, message_id: str, report: SendReport
+    ) -> None:
+        answer = outcome.answer[:500]
+        if outcome.throttle:
+            self.pacer.throttled()
+        if outcome.status == "sent":
+            mark(
+                session, delivery.id, self.owner, "sent", last_answer=answer, message_id=message_id
+            )
+            status = "sent"
+        elif outcome.status == "bounced":
+            mark_bounced(session, delivery, self.owner, answer)
+            status = "bounced"
+        elif outcome.status == "retry" and delivery.attempts < self.options.max_attempts:
+            delay = min(
+                self.options.retry_base * 2 ** (delivery.attempts - 1), self.options.retry_max
+            )
+            mark(
+                session,
+                delivery.id,
+                self.owner,
+                "queued",
+                last_answer=answer,
+                next_attempt_at=utcnow() + timedelta(seconds=delay),
+            )
+            status = "retried"
+        else:
+            mark(session, delivery.id, self.owner, "failed", last_answer=answer)
+            status = "failed"
+        session.commit()
+        self._count(report, status, delivery.email, answer)
+
+    def _count(self, report: SendReport, status: str, email: str = "", answer: str = "") -> None:
+        with self._lock:
+            setattr(report, status, getattr(report, status) + 1)
+            if status in {"failed", "bounced"} and len(report.failures) < 100:
+                report.failures.append((email, answer))
+        self.on_result(status)
+
+    def _stop_all(self, report: SendReport, reason: str) -> None:
+        with self._lock:
+            report.stopped_reason = report.stopped_reason or reason
+        self.stop.set()
+
+
+def deliver_issue(store: Store, settings: Settings, issue_id: int, **kwargs) -> SendReport:
+    """Run (or resume) an issue's send to the end; DeliveryError if the server refuses us."""
+    sender = Sender(store, settings, **kwargs)
+    check_transport(sender.factory)
+    return sender.run(issue_id)
+
+
+__all__ = [
+    "DeliveryError",
+    "Plan",
+    "SendOptions",
+    "SendReport",
+    "Sender",
+    "check_transport",
+    "deliver_issue",
+    "plan_send",
+    "send_test_copies",
+    "start_send",
+]

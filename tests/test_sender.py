@@ -1,0 +1,219 @@
+"""Delivering an issue: the ledger, retries, throttling, bounces, skips, against real servers."""
+
+from __future__ import annotations
+
+import email
+import email.policy
+import shutil
+from pathlib import Path
+
+import pytest
+from sqlalchemy import select
+
+from newsletter.config import load_settings
+from newsletter.errors import DeliveryError, InputError
+from newsletter.ledger import describe_issues
+from newsletter.sender import Sender, SendOptions, deliver_issue, plan_send, start_send
+from newsletter.store import Delivery, Subscriber
+from newsletter.subscribers import add, unsubscribe
+from newsletter.transports import MemoryTransport, Outcome
+
+FAST = SendOptions(batch_size=10, retry_base=0.05, retry_max=0.2, idle_poll=0.05)
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+def _settings(tmp_path: Path, **env: str):
+    base = {
+        "NEWSLETTER_SITE_URL": "https://news.example.com",
+        "NEWSLETTER_SECRET_KEY": "test-secret",
+        "NEWSLETTER_OUTBOX_DIR": str(tmp_path / "outbox"),
+        "NEWSLETTER_FROM": "Weekly <weekly@example.com>",
+    }
+    return load_settings(base | env, dotenv_path=Path("/nonexistent"))
+
+
+def _digest(tmp_path: Path) -> Path:
+    shutil.copy(FIXTURES / "chart.png", tmp_path / "chart.png")
+    target = tmp_path / "digest.md"
+    shutil.copy(FIXTURES / "mojibake-digest.md", target)
+    return target
+
+
+def _subscribe(store, count: int, prefix: str = "reader") -> list[str]:
+    addresses = [f"{prefix}{i:04d}@example.com" for i in range(count)]
+    with store.begin() as session:
+        for i, address in enumerate(addresses):
+            add(session, address, f"Reader {i}" if i % 2 else None)
+    return addresses
+
+
+def _start(store, settings, tmp_path: Path) -> int:
+    return start_send(store, plan_send(store, settings, _digest(tmp_path)))
+
+
+def _statuses(store, issue_id: int) -> dict[str, str]:
+    with store.session() as session:
+        rows = session.execute(
+            select(Delivery.email, Delivery.status).where(Delivery.issue_id == issue_id)
+        )
+        return dict(rows.all())
+
+
+def test_every_subscriber_once_over_reused_connections(store, smtp_sink, tmp_path: Path) -> None:
+    """200 subscribers get exactly one message each over at most 4 SMTP connections."""
+    addresses = _subscribe(store, 200)
+    settings = _settings(tmp_path, **smtp_sink.env())
+    issue_id = _start(store, settings, tmp_path)
+    report = deliver_issue(store, settings, issue_id, options=FAST)
+    assert report.finished and report.sent == 200
+    received = sorted(r for m in smtp_sink.messages for r in m.recipients)
+    assert received == addresses
+    assert smtp_sink.connections_opened <= settings.smtp_connections + 1
+    with store.session() as session:
+        [issue] = describe_issues(session, issue_id)
+    assert issue["status"] == "sent" and issue["sent"] == 200
+
+
+def test_retries_temporary_failures_until_delivered(store, smtp_sink, tmp_path: Path) -> None:
+    """10% of first attempts answered 451 are retried with backoff and all get delivered."""
+    addresses = _subscribe(store, 100)
+    smtp_sink.fail("rcpt", "451 4.3.0 try again later", fraction=0.1, times=1)
+    settings = _settings(tmp_path, **smtp_sink.env())
+    report = deliver_issue(store, settings, _start(store, settings, tmp_path), options=FAST)
+    assert report.finished and report.sent == 100 and report.retried >= 1
+    received = [r for m in smtp_sink.messages for r in m.recipients]
+    assert sorted(received) == addresses
+
+
+def test_throttling_slows_the_send_and_completes(store, smtp_sink, tmp_path: Path) -> None:
+    """421 after 15 messages per connection and some 454s: the pace drops, nothing fails."""
+    addresses = _subscribe(store, 80)
+    smtp_sink.limit_per_connection(15)
+    smtp_sink.fail("rcpt", "454 4.7.0 throttled, slow down", fraction=0.05, times=2)
+    settings = _settings(tmp_path, **smtp_sink.env())
+    sender = Sender(store, settings, options=FAST)
+    report = sender.run(_start(store, settings, tmp_path))
+    assert report.finished and report.sent == 80 and report.failed == 0
+    assert sender.pacer.throttles >= 1
+    assert sorted(r for m in smtp_sink.messages for r in m.recipients) == addresses
+
+
+def test_user_unknown_bounces_subscriber_and_others_continue(store, smtp_sink, tmp_path) -> None:
+    """550 5.1.1 marks the delivery and the subscriber bounced; everyone else gets the issue."""
+    addresses = _subscribe(store, 30)
+    unknown = addresses[7]
+    smtp_sink.fail("rcpt", "550 5.1.1 user unknown", recipients=[unknown])
+    settings = _settings(tmp_path, **smtp_sink.env())
+    issue_id = _start(store, settings, tmp_path)
+    report = deliver_issue(store, settings, issue_id, options=FAST)
+    assert report.finished and report.bounced == 1 and report.sent == 29
+    assert _statuses(store, issue_id)[unknown] == "bounced"
+    with store.session() as session:
+        status = session.scalar(select(Subscriber.status).where(Subscriber.email == unknown))
+    assert status == "bounced"
+
+
+def test_permanent_failure_is_final(store, smtp_sink, tmp_path: Path) -> None:
+    """A 552 at the end of DATA fails that delivery for good; the send still finishes."""
+    addresses = _subscribe(store, 10)
+    smtp_sink.fail("data", "552 5.3.4 message too big", recipients=[addresses[3]])
+    settings = _settings(tmp_path, **smtp_sink.env())
+    issue_id = _start(store, settings, tmp_path)
+    report = deliver_issue(store, settings, issue_id, options=FAST)
+    assert report.finished and report.failed == 1 and report.sent == 9
+    assert report.failures[0][0] == addresses[3] and "552" in report.failures[0][1]
+
+
+def test_connection_dropped_in_data_is_retried(store, smtp_sink, tmp_path: Path) -> None:
+    """A connection dropped in the middle of DATA is replaced and the message retried."""
+    addresses = _subscribe(store, 20)
+    smtp_sink.drop(partial=True, recipients=[addresses[5]], times=1)
+    settings = _settings(tmp_path, **smtp_sink.env())
+    issue_id = _start(store, settings, tmp_path)
+    report = deliver_issue(store, settings, issue_id, options=FAST)
+    assert report.finished and report.sent == 20 and report.retried == 1
+    assert sorted(r for m in smtp_sink.messages for r in m.recipients) == addresses
+
+
+def test_wrong_password_fails_before_any_message(store, make_smtp_sink, tmp_path: Path) -> None:
+    """A refused login is a DeliveryError before the first message; nothing is marked sent."""
+    sink = make_smtp_sink(credentials=("user", "right"))
+    _subscribe(store, 5)
+    env = sink.env() | {"NEWSLETTER_SMTP_PASSWORD": "wrong"}
+    settings = _settings(tmp_path, **env)
+    issue_id = _start(store, settings, tmp_path)
+    with pytest.raises(DeliveryError) as info:
+        deliver_issue(store, settings, issue_id, options=FAST)
+    assert "wrong" not in str(info.value)
+    assert sink.messages == []
+    assert set(_statuses(store, issue_id).values()) == {"queued"}
+
+
+def test_unsubscribed_during_send_is_skipped(store, tmp_path: Path) -> None:
+    """Someone who unsubscribes after the send started is skipped, not mailed."""
+    addresses = _subscribe(store, 6)
+    settings = _settings(tmp_path)
+    issue_id = _start(store, settings, tmp_path)
+    with store.begin() as session:
+        leaver = session.scalar(select(Subscriber).where(Subscriber.email == addresses[2]))
+        unsubscribe(session, leaver.id)
+    transport = MemoryTransport()
+    report = Sender(store, settings, factory=lambda: transport, options=FAST).run(issue_id)
+    assert report.skipped == 1 and report.sent == 5
+    assert addresses[2] not in transport.recipients()
+    assert _statuses(store, issue_id)[addresses[2]] == "skipped"
+
+
+def test_messages_carry_headers_and_personal_fields(store, tmp_path: Path) -> None:
+    """Each message has its recipient's To, name, unsubscribe link and a unique Message-ID."""
+    _subscribe(store, 4)
+    settings = _settings(tmp_path)
+    transport = MemoryTransport()
+    Sender(store, settings, factory=lambda: transport, options=FAST).run(
+        _start(store, settings, tmp_path)
+    )
+    ids = set()
+    for attempt in transport.sent:
+        message = email.message_from_bytes(
+            attempt.data.replace(b"\r\n..", b"\r\n."), policy=email.policy.default
+        )
+        assert message["To"].addresses[0].addr_spec == attempt.recipient
+        url = message["List-Unsubscribe"].strip("<>")
+        assert url.startswith("https://news.example.com/unsubscribe/")
+        assert url in message.get_body(("html",)).get_content()
+        assert message["List-Unsubscribe-Post"] == "List-Unsubscribe=One-Click"
+        ids.add(message["Message-ID"])
+    assert len(ids) == 4
+
+
+def test_retries_give_up_after_max_attempts(store, tmp_path: Path) -> None:
+    """A recipient that only ever gets 4xx ends failed after max_attempts, not queued forever."""
+    addresses = _subscribe(store, 3)
+    settings = _settings(tmp_path)
+    transport = MemoryTransport(
+        lambda rcpt: Outcome("retry", 450, "450 mailbox busy") if rcpt == addresses[0] else None
+    )
+    options = SendOptions(
+        batch_size=5, max_attempts=3, retry_base=0.01, retry_max=0.02, idle_poll=0.02
+    )
+    issue_id = _start(store, settings, tmp_path)
+    report = Sender(store, settings, factory=lambda: transport, options=options).run(issue_id)
+    assert report.finished and report.failed == 1 and report.sent == 2
+    assert sum(1 for a in transport.attempts if a.recipient == addresses[0]) == 3
+
+
+def test_already_sent_digest_is_refused(store, tmp_path: Path) -> None:
+    """A finished issue's digest (same name or same content) is refused unless forced."""
+    _subscribe(store, 2)
+    settings = _settings(tmp_path)
+    transport = MemoryTransport()
+    Sender(store, settings, factory=lambda: transport, options=FAST).run(
+        _start(store, settings, tmp_path)
+    )
+    with pytest.raises(InputError, match="already sent as issue"):
+        plan_send(store, settings, tmp_path / "digest.md")
+    renamed = tmp_path / "renamed.md"
+    shutil.copy(tmp_path / "digest.md", renamed)
+    with pytest.raises(InputError, match="already sent"):
+        plan_send(store, settings, renamed)
+    assert plan_send(store, settings, renamed, force=True).resume is None
