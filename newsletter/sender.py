@@ -227,9 +227,10 @@ class Sender:
             issue = session.get(Issue, issue_id)
             if issue is None:
                 raise InputError(f"issue {issue_id}: no such issue")
-            if issue.status != "sending":
-                raise InputError(f"issue {issue_id} is {issue.status}; nothing to resume")
             report = SendReport(issue_id, total=issue.recipient_count)
+            if issue.status != "sending":
+                report.stopped_reason = f"issue {issue_id} is already {issue.status}"
+                return report
             reclaim_abandoned(session, issue_id)
             template = _template(self.settings, load_rendered(issue.rendered))
         workers = [
@@ -247,27 +248,35 @@ class Sender:
         return report
 
     def _work(self, issue_id: int, template: MessageTemplate, report: SendReport) -> None:
+        """A worker thread: its own transport and session until nothing is left to claim."""
         transport = self.factory()
-        failures = 0
         try:
-            with self.store.session() as session:
-                while not self.stop.is_set():
-                    batch = claim(session, issue_id, self.owner, self.options.batch_size)
-                    if not batch:
-                        if not self._wait_for_due(session, issue_id):
-                            return
-                        continue
-                    for index, delivery in enumerate(batch):
-                        if self.stop.is_set() or failures >= self.options.max_connection_failures:
-                            release(session, [d.id for d in batch[index:]], self.owner)
-                            session.commit()
-                            if failures >= self.options.max_connection_failures:
-                                self._stop_all(report, "the SMTP server cannot be reached")
-                            return
-                        outcome = self._deliver(session, transport, template, delivery, report)
-                        failures = failures + 1 if outcome and outcome.code is None else 0
+            self._work_loop(issue_id, template, report, transport)
+        except Exception as exc:  # a database error must stop the send, not hang it
+            self._stop_all(report, f"a worker failed: {type(exc).__name__}: {exc}")
         finally:
             transport.close()
+
+    def _work_loop(
+        self, issue_id: int, template: MessageTemplate, report: SendReport, transport: Transport
+    ) -> None:
+        failures = 0
+        with self.store.session() as session:
+            while not self.stop.is_set():
+                batch = claim(session, issue_id, self.owner, self.options.batch_size)
+                if not batch:
+                    if not self._wait_for_due(session, issue_id):
+                        return
+                    continue
+                for index, delivery in enumerate(batch):
+                    if self.stop.is_set() or failures >= self.options.max_connection_failures:
+                        release(session, [d.id for d in batch[index:]], self.owner)
+                        session.commit()
+                        if failures >= self.options.max_connection_failures:
+                            self._stop_all(report, "the SMTP server cannot be reached")
+                        return
+                    outcome = self._deliver(session, transport, template, delivery, report)
+                    failures = failures + 1 if outcome and outcome.code is None else 0
 
     def _wait_for_due(self, session, issue_id: int) -> bool:
         """Nothing to claim now: wait for retries that are due later, or stop when all is done."""

@@ -96,6 +96,8 @@ def run_issue(store: Store, config: Settings, issue_id: int, total: int | None) 
                 report = sender.run(issue_id)
         else:
             report = sender.run(issue_id)
+    if report.finished and report.stopped_reason:
+        click.echo(f"{report.stopped_reason}; nothing left to send")
     for email, answer in report.failures:
         click.echo(f"failed: {email}: {answer}", err=True)
     click.echo(summary_line(report, config))
