@@ -71,6 +71,8 @@ SOURCES = ("cli", "import", "form")
 ISSUE_STATUSES = ("sending", "sent", "cancelled")
 DELIVERY_STATUSES = ("queued", "sending", "sent", "failed", "bounced", "skipped")
 OUTBOUND_STATUSES = ("queued", "sent", "failed")
+SCHEDULE_KINDS = ("once", "cron")
+SCHEDULE_STATUSES = ("scheduled", "running", "done", "missed", "failed", "cancelled")
 
 SECRET_KEY_SETTING = "secret_key"
 SQLITE_BUSY_SECONDS = 30
@@ -193,6 +195,30 @@ class Delivery(Base):
     claimed_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
     next_attempt_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
     sent_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+
+
+class Schedule(Base):
+    """A scheduled send: one digest at a time (``once``) or a folder on a cron (``cron``)."""
+
+    __tablename__ = "schedules"
+    __table_args__ = (
+        CheckConstraint(_one_of("kind", SCHEDULE_KINDS), name="kind"),
+        CheckConstraint(_one_of("status", SCHEDULE_STATUSES), name="status"),
+    )
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    kind: Mapped[str] = mapped_column(String(8))
+    digest_path: Mapped[str | None] = mapped_column(Text)
+    directory: Mapped[str | None] = mapped_column(Text)
+    cron: Mapped[str | None] = mapped_column(String(120))
+    run_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+    timezone: Mapped[str | None] = mapped_column(String(64))
+    status: Mapped[str] = mapped_column(String(16), default="scheduled", index=True)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
+    # When a scheduler last took this schedule to run: the atomic claim between schedulers.
+    last_run_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+    last_issue_id: Mapped[int | None] = mapped_column(Integer)
+    last_result: Mapped[str | None] = mapped_column(Text)
 
 
 class Setting(Base):

@@ -44,7 +44,7 @@ def _issue() -> Issue:
 
 def test_first_use_creates_the_newest_schema(store: Store) -> None:
     """Opening a new database applies every migration and creates every table."""
-    assert store.revision() == head_revision() == "0003"
+    assert store.revision() == head_revision() == "0004"
     assert set(inspect(store.engine).get_table_names()) >= TABLES
 
 

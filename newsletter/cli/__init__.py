@@ -58,3 +58,7 @@ from newsletter.cli import send as _send  # noqa: E402
 
 _send.register(main)
 _issues.register(main)
+
+from newsletter.cli import schedule as _schedule  # noqa: E402
+
+_schedule.register(main)
