@@ -25,7 +25,7 @@ from apscheduler.jobstores.sqlalchemy import SQLAlchemyJobStore
 from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.cron import CronTrigger
 from apscheduler.triggers.date import DateTrigger
-from sqlalchemy import or_, select, update
+from sqlalchemy import delete, or_, select, update
 from tzlocal import get_localzone
 
 from newsletter.config import Settings, load_settings
@@ -159,29 +159,39 @@ class _Jobs:
         self.scheduler.shutdown(wait=False)
 
 
-def add_once(store: Store, settings: Settings, digest: Path, when: datetime) -> int:
-    """Schedule one digest at ``when``; the digest must exist and be readable now."""
-    load_digest(digest)
+def _add(store: Store, settings: Settings, schedule: Schedule, trigger) -> int:
+    """Store the schedule, then its job; a job that cannot be stored leaves no schedule."""
     with store.begin() as session:
-        schedule = Schedule(
-            kind="once",
-            digest_path=str(digest.resolve()),
-            run_at=when,
-            timezone=settings.timezone,
-            status="scheduled",
-        )
         session.add(schedule)
         session.flush()
         schedule_id = schedule.id
-    with _Jobs(store, settings) as jobs:
-        jobs.add_job(
-            JOB_FUNCTION,
-            DateTrigger(run_date=when),
-            args=[schedule_id],
-            id=_job_id(schedule_id),
-            replace_existing=True,
-        )
+    try:
+        with _Jobs(store, settings) as jobs:
+            jobs.add_job(
+                JOB_FUNCTION,
+                trigger,
+                args=[schedule_id],
+                id=_job_id(schedule_id),
+                replace_existing=True,
+            )
+    except BaseException:
+        with store.begin() as session:
+            session.execute(delete(Schedule).where(Schedule.id == schedule_id))
+        raise
     return schedule_id
+
+
+def add_once(store: Store, settings: Settings, digest: Path, when: datetime) -> int:
+    """Schedule one digest at ``when``; the digest must exist and be readable now."""
+    load_digest(digest)
+    schedule = Schedule(
+        kind="once",
+        digest_path=str(digest.resolve()),
+        run_at=when,
+        timezone=settings.timezone,
+        status="scheduled",
+    )
+    return _add(store, settings, schedule, DateTrigger(run_date=when))
 
 
 def add_cron(store: Store, settings: Settings, expression: str, directory: Path) -> int:
@@ -189,26 +199,14 @@ def add_cron(store: Store, settings: Settings, expression: str, directory: Path)
     trigger = cron_trigger(expression, settings)
     if not directory.is_dir():
         raise InputError(f"--dir: {directory} is not a directory")
-    with store.begin() as session:
-        schedule = Schedule(
-            kind="cron",
-            directory=str(directory.resolve()),
-            cron=expression,
-            timezone=settings.timezone,
-            status="scheduled",
-        )
-        session.add(schedule)
-        session.flush()
-        schedule_id = schedule.id
-    with _Jobs(store, settings) as jobs:
-        jobs.add_job(
-            JOB_FUNCTION,
-            trigger,
-            args=[schedule_id],
-            id=_job_id(schedule_id),
-            replace_existing=True,
-        )
-    return schedule_id
+    schedule = Schedule(
+        kind="cron",
+        directory=str(directory.resolve()),
+        cron=expression,
+        timezone=settings.timezone,
+        status="scheduled",
+    )
+    return _add(store, settings, schedule, trigger)
 
 
 def list_schedules(store: Store, settings: Settings) -> list[ScheduleView]:
