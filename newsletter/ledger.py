@@ -20,6 +20,7 @@ import uuid
 from base64 import b64decode, b64encode
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from pathlib import Path
 
 from sqlalchemy import Connection, and_, exists, func, insert, literal, or_, select, text, update
 from sqlalchemy.orm import Session
@@ -33,24 +34,39 @@ STALE_CLAIM = timedelta(minutes=10)
 _ISSUE_LOCK = 0x6E6C6973  # PostgreSQL advisory lock held while an issue is created
 
 
+def _process_start(pid: int) -> str | None:
+    """When process ``pid`` started (clock ticks since boot), None if it is gone or a zombie.
+
+    With the pid alone, a restarted container (same host name, same small pid) or a
+    recycled pid would look like the dead sender still at work.
+    """
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return None
+    except OSError:
+        return "?"
+    fields = stat.rpartition(")")[2].split()
+    return None if fields[0] in {"Z", "X"} else fields[19]
+
+
 def new_owner() -> str:
     """A name for this sending process, recorded on the rows it claims."""
-    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+    pid = os.getpid()
+    return f"{socket.gethostname()}:{pid}:{_process_start(pid) or '?'}:{uuid.uuid4().hex[:8]}"
 
 
-def _owner_is_dead(owner: str) -> bool:
-    """True when ``owner`` ran on this host and its process is gone."""
-    host, _, rest = owner.partition(":")
-    pid = rest.partition(":")[0]
-    if host != socket.gethostname() or not pid.isdigit():
+def _owner_is_dead(owner: str, me: str) -> bool:
+    """True when ``owner`` ran on this host and that process is gone (or is not it any more)."""
+    host, pid, started, _ = [*owner.split(":"), "", "", ""][:4]
+    if owner == me or host != socket.gethostname() or not pid.isdigit():
         return False
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
+    if int(pid) == os.getpid():
+        return True  # our pid, but not us: the owner died and the pid was reused
+    now_started = _process_start(int(pid))
+    if now_started is None:
         return True
-    except PermissionError:
-        return False
-    return False
+    return "?" not in (now_started, started) and now_started != started
 
 
 @dataclass(frozen=True)
@@ -235,7 +251,19 @@ def release(session: Session, delivery_ids: list[int], owner: str) -> None:
         )
 
 
-def reclaim_abandoned(session: Session, issue_id: int) -> int:
+def touch(session: Session, delivery_ids: list[int], owner: str) -> None:
+    """Renew this process's claim on rows it still holds, so they never look abandoned."""
+    if delivery_ids:
+        session.execute(
+            update(Delivery)
+            .where(Delivery.id.in_(delivery_ids), Delivery.claimed_by == owner)
+            .where(Delivery.status == "sending")
+            .values(claimed_at=utcnow())
+        )
+        session.commit()
+
+
+def reclaim_abandoned(session: Session, issue_id: int, me: str = "") -> int:
     """Requeue deliveries claimed by a process that died (same host) or went silent.
 
     Their messages may or may not have reached the server before the crash: these
@@ -246,7 +274,7 @@ def reclaim_abandoned(session: Session, issue_id: int) -> int:
         .where(Delivery.issue_id == issue_id, Delivery.status == "sending")
         .distinct()
     ).all()
-    dead = [owner for owner in owners if owner and _owner_is_dead(owner)]
+    dead = [owner for owner in owners if owner and _owner_is_dead(owner, me)]
     stale_before = utcnow() - STALE_CLAIM
     result = session.execute(
         update(Delivery)

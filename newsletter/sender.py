@@ -32,6 +32,7 @@ from newsletter.ledger import (
     next_due,
     reclaim_abandoned,
     release,
+    touch,
     waiting_on,
 )
 from newsletter.message import MessageTemplate, Recipient, new_message_id
@@ -42,6 +43,7 @@ from newsletter.tokens import Tokens, unsubscribe_url
 from newsletter.transports import Outcome, Transport, make_transport
 
 TransportFactory = Callable[[], Transport]
+CLAIM_RENEWAL = 60.0  # seconds; well inside ledger.STALE_CLAIM, so a slow batch stays ours
 
 
 @dataclass(frozen=True)
@@ -231,7 +233,7 @@ class Sender:
             if issue.status != "sending":
                 report.stopped_reason = f"issue {issue_id} is already {issue.status}"
                 return report
-            reclaim_abandoned(session, issue_id)
+            reclaim_abandoned(session, issue_id, self.owner)
             template = _template(self.settings, load_rendered(issue.rendered))
         workers = [
             threading.Thread(target=self._work, args=(issue_id, template, report), daemon=True)
@@ -268,7 +270,11 @@ class Sender:
                     if not self._wait_for_due(session, issue_id):
                         return
                     continue
+                renewed = time.monotonic()
                 for index, delivery in enumerate(batch):
+                    if time.monotonic() - renewed > CLAIM_RENEWAL:
+                        touch(session, [d.id for d in batch[index:]], self.owner)
+                        renewed = time.monotonic()
                     if self.stop.is_set() or failures >= self.options.max_connection_failures:
                         release(session, [d.id for d in batch[index:]], self.owner)
                         session.commit()
@@ -283,7 +289,7 @@ class Sender:
         open_count, due = waiting_on(session, issue_id, self.owner)
         if open_count == 0:
             return False  # what is left is in this process's other workers' hands
-        reclaim_abandoned(session, issue_id)
+        reclaim_abandoned(session, issue_id, self.owner)
         delay = self.options.idle_poll
         if due is not None:
             delay = min(max((due - utcnow()).total_seconds(), 0.01), self.options.idle_poll)
