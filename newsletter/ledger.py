@@ -22,9 +22,21 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
 
-from sqlalchemy import Connection, and_, exists, func, insert, literal, or_, select, text, update
+from sqlalchemy import (
+    Connection,
+    bindparam,
+    exists,
+    func,
+    insert,
+    literal,
+    or_,
+    select,
+    text,
+    update,
+)
 from sqlalchemy.orm import Session
 
+from newsletter.journal import discard, recover
 from newsletter.render import InlineImage, RenderedIssue
 from newsletter.store import Delivery, Issue, Store, Subscriber, delivery_counts, utcnow
 from newsletter.subscribers import unsubscribe
@@ -178,35 +190,62 @@ def create_issue(
             return issue, True
 
 
-def claim(session: Session, issue_id: int, owner: str, limit: int) -> list[Claimed]:
+_D = Delivery.__table__
+_S = Subscriber.__table__
+_DUE = (
+    select(_D.c.id)
+    .where(_D.c.issue_id == bindparam("b_issue"), _D.c.status == "queued")
+    .where(or_(_D.c.next_attempt_at.is_(None), _D.c.next_attempt_at <= bindparam("b_now")))
+    .order_by(_D.c.id)
+    .limit(bindparam("b_limit"))
+    .with_for_update(skip_locked=True)
+)
+# Prebuilt statements: building an ORM update per message cost more than sending it.
+_CLAIM = (
+    update(_D)
+    .where(_D.c.id.in_(_DUE.scalar_subquery()))
+    .values(
+        status="sending",
+        claimed_by=bindparam("b_owner"),
+        claimed_at=bindparam("b_now"),
+        attempts=_D.c.attempts + 1,
+    )
+    .returning(_D.c.id, _D.c.subscriber_id, _D.c.email, _D.c.attempts)
+)
+_PEOPLE = select(_S.c.id, _S.c.name, _S.c.status).where(
+    _S.c.id.in_(bindparam("b_ids", expanding=True))
+)
+_MARK_SENT = (
+    update(_D)
+    .where(
+        _D.c.id == bindparam("b_id"),
+        _D.c.status == "sending",
+        _D.c.claimed_by == bindparam("b_owner"),
+    )
+    .values(
+        status="sent",
+        claimed_by=None,
+        last_answer=bindparam("b_answer"),
+        message_id=bindparam("b_message_id"),
+        sent_at=bindparam("b_sent_at"),
+    )
+)
+
+
+def claim(db: Connection | Session, issue_id: int, owner: str, limit: int) -> list[Claimed]:
     """Take up to ``limit`` queued deliveries that are due; no other process can take them."""
     now = utcnow()
-    due = (
-        select(Delivery.id)
-        .where(Delivery.issue_id == issue_id, Delivery.status == "queued")
-        .where(or_(Delivery.next_attempt_at.is_(None), Delivery.next_attempt_at <= now))
-        .order_by(Delivery.id)
-        .limit(limit)
-        .with_for_update(skip_locked=True)
-    )
-    rows = session.execute(
-        update(Delivery)
-        .where(Delivery.id.in_(due.scalar_subquery()))
-        .values(status="sending", claimed_by=owner, claimed_at=now, attempts=Delivery.attempts + 1)
-        .returning(Delivery.id, Delivery.subscriber_id, Delivery.email, Delivery.attempts)
+    rows = db.execute(
+        _CLAIM, {"b_issue": issue_id, "b_now": now, "b_owner": owner, "b_limit": limit}
     ).all()
-    session.commit()
+    db.commit()
     if not rows:
         return []
-    people = dict(
-        (sid, (name, status))
-        for sid, name, status in session.execute(
-            select(Subscriber.id, Subscriber.name, Subscriber.status).where(
-                Subscriber.id.in_([r.subscriber_id for r in rows])
-            )
-        )
-    )
-    session.commit()
+    people = {
+        sid: (name, status)
+        for sid, name, status in db.execute(_PEOPLE, {"b_ids": [r.subscriber_id for r in rows]})
+    }
+    db.commit()
     claimed = []
     for row in sorted(rows, key=lambda r: r.id):
         name, status = people.get(row.subscriber_id, (None, None))
@@ -216,73 +255,93 @@ def claim(session: Session, issue_id: int, owner: str, limit: int) -> list[Claim
     return claimed
 
 
-def _mine(delivery_id: int, owner: str):
-    return and_(
-        Delivery.id == delivery_id, Delivery.status == "sending", Delivery.claimed_by == owner
-    )
+def record_sent(
+    db: Connection | Session, owner: str, sent: list[tuple[int, str, str, datetime]]
+) -> None:
+    """Mark accepted deliveries sent, many in one statement and one commit.
+
+    ``sent`` holds (delivery id, server answer, message id, time accepted); rows that
+    are no longer this owner's are left alone.
+    """
+    if sent:
+        db.execute(
+            _MARK_SENT,
+            [
+                {"b_id": i, "b_owner": owner, "b_answer": a, "b_message_id": m, "b_sent_at": t}
+                for i, a, m, t in sent
+            ],
+        )
+        db.commit()
 
 
-def mark(session: Session, delivery_id: int, owner: str, status: str, **values) -> bool:
+def mark(db: Connection | Session, delivery_id: int, owner: str, status: str, **values) -> bool:
     """Record a final or retry state for a claimed delivery; False if it was not ours any more."""
-    if status == "sent":
-        values.setdefault("sent_at", utcnow())
     if status != "sending":
         values.setdefault("claimed_by", None)
-    result = session.execute(
-        update(Delivery).where(_mine(delivery_id, owner)).values(status=status, **values)
+    result = db.execute(
+        update(_D)
+        .where(_D.c.id == delivery_id, _D.c.status == "sending", _D.c.claimed_by == owner)
+        .values(status=status, **values)
     )
     return result.rowcount == 1
 
 
-def mark_bounced(session: Session, claimed: Claimed, owner: str, answer: str) -> None:
+def mark_bounced(db: Connection, claimed: Claimed, owner: str, answer: str) -> None:
     """A permanent user-unknown answer: the delivery and the subscriber are bounced."""
-    if mark(session, claimed.id, owner, "bounced", last_answer=answer):
-        unsubscribe(session, claimed.subscriber_id, status="bounced")
+    if mark(db, claimed.id, owner, "bounced", last_answer=answer):
+        with Session(bind=db) as session:
+            unsubscribe(session, claimed.subscriber_id, status="bounced")
+            session.flush()
 
 
-def release(session: Session, delivery_ids: list[int], owner: str) -> None:
+def release(db: Connection | Session, delivery_ids: list[int], owner: str) -> None:
     """Give back claimed deliveries that were never sent (a stop before their turn)."""
     if delivery_ids:
-        session.execute(
-            update(Delivery)
-            .where(Delivery.id.in_(delivery_ids), Delivery.claimed_by == owner)
-            .where(Delivery.status == "sending")
-            .values(status="queued", claimed_by=None, attempts=Delivery.attempts - 1)
+        db.execute(
+            update(_D)
+            .where(_D.c.id.in_(delivery_ids), _D.c.claimed_by == owner)
+            .where(_D.c.status == "sending")
+            .values(status="queued", claimed_by=None, attempts=_D.c.attempts - 1)
         )
+        db.commit()
 
 
-def touch(session: Session, delivery_ids: list[int], owner: str) -> None:
+def touch(db: Connection | Session, delivery_ids: list[int], owner: str) -> None:
     """Renew this process's claim on rows it still holds, so they never look abandoned."""
     if delivery_ids:
-        session.execute(
-            update(Delivery)
-            .where(Delivery.id.in_(delivery_ids), Delivery.claimed_by == owner)
-            .where(Delivery.status == "sending")
+        db.execute(
+            update(_D)
+            .where(_D.c.id.in_(delivery_ids), _D.c.claimed_by == owner)
+            .where(_D.c.status == "sending")
             .values(claimed_at=utcnow())
         )
-        session.commit()
+        db.commit()
 
 
-def reclaim_abandoned(session: Session, issue_id: int, me: str = "") -> int:
+def reclaim_abandoned(db: Connection | Session, issue_id: int, me: str = "") -> int:
     """Requeue deliveries claimed by a process that died (same host) or went silent.
 
-    Their messages may or may not have reached the server before the crash: these
-    are the only ones that can go twice.
+    A dead same-host sender's journal is replayed first: what the server accepted is
+    marked sent. What is left may or may not have reached the server before the
+    crash: these in-flight messages are the only ones that can go twice.
     """
-    owners = session.scalars(
-        select(Delivery.claimed_by)
-        .where(Delivery.issue_id == issue_id, Delivery.status == "sending")
+    owners = db.scalars(
+        select(_D.c.claimed_by)
+        .where(_D.c.issue_id == issue_id, _D.c.status == "sending")
         .distinct()
     ).all()
     dead = [owner for owner in owners if owner and _owner_is_dead(owner, me)]
+    for owner in dead:
+        record_sent(db, owner, [(i, "250 (from the journal)", m, t) for i, m, t in recover(owner)])
+        discard(owner)
     stale_before = utcnow() - STALE_CLAIM
-    result = session.execute(
-        update(Delivery)
-        .where(Delivery.issue_id == issue_id, Delivery.status == "sending")
-        .where(or_(Delivery.claimed_by.in_(dead), Delivery.claimed_at < stale_before))
+    result = db.execute(
+        update(_D)
+        .where(_D.c.issue_id == issue_id, _D.c.status == "sending")
+        .where(or_(_D.c.claimed_by.in_(dead), _D.c.claimed_at < stale_before))
         .values(status="queued", claimed_by=None)
     )
-    session.commit()
+    db.commit()
     return result.rowcount
 
 

@@ -9,16 +9,20 @@ sends it and records the answer before touching the next one.
 from __future__ import annotations
 
 import hashlib
+import sys
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
+
+from sqlalchemy import Connection
 
 from newsletter.config import Settings
 from newsletter.digest import MUST_FIX, Digest, load_digest
 from newsletter.errors import DeliveryError, InputError
+from newsletter.journal import Journal
 from newsletter.ledger import (
     Claimed,
     claim,
@@ -31,6 +35,7 @@ from newsletter.ledger import (
     new_owner,
     next_due,
     reclaim_abandoned,
+    record_sent,
     release,
     touch,
     waiting_on,
@@ -43,6 +48,9 @@ from newsletter.tokens import Tokens, unsubscribe_url
 from newsletter.transports import Outcome, Transport, make_transport
 
 TransportFactory = Callable[[], Transport]
+GIL_SWITCH = 0.001  # seconds; Python's default 5 ms leaves answered connections idle
+FLUSH_EVERY = 50  # accepted messages recorded in the ledger per statement
+FLUSH_SECONDS = 0.5  # and at least this often
 CLAIM_RENEWAL = 60.0  # seconds; well inside ledger.STALE_CLAIM, so a slow batch stays ours
 
 
@@ -50,7 +58,7 @@ CLAIM_RENEWAL = 60.0  # seconds; well inside ledger.STALE_CLAIM, so a slow batch
 class SendOptions:
     """Knobs of the delivery loop; the defaults suit real providers, tests shrink them."""
 
-    batch_size: int = 20
+    batch_size: int = 100
     max_attempts: int = 8
     retry_base: float = 5.0
     retry_max: float = 300.0
@@ -221,6 +229,7 @@ class Sender:
         self.pacer = Pacer(settings.send_rate)
         self._lock = threading.Lock()
         self._tokens = Tokens(secret_key(settings, store))
+        self.journal = Journal(self.owner)
 
     def run(self, issue_id: int) -> SendReport:
         """Deliver every open delivery of the issue that is due, then report."""
@@ -239,10 +248,16 @@ class Sender:
             threading.Thread(target=self._work, args=(issue_id, template, report), daemon=True)
             for _ in range(self.settings.smtp_connections)
         ]
-        for worker in workers:
-            worker.start()
-        for worker in workers:
-            worker.join()
+        switch = sys.getswitchinterval()
+        sys.setswitchinterval(GIL_SWITCH)  # a worker whose server answered gets the GIL sooner
+        try:
+            for worker in workers:
+                worker.start()
+            for worker in workers:
+                worker.join()
+        finally:
+            sys.setswitchinterval(switch)
+        self.journal.close()  # every worker flushed what it journaled into the ledger
         with self.store.session() as session:
             finish_if_done(session, issue_id)
             report.open, _ = next_due(session, issue_id)
@@ -250,110 +265,27 @@ class Sender:
         return report
 
     def _work(self, issue_id: int, template: MessageTemplate, report: SendReport) -> None:
-        """A worker thread: its own transport and session until nothing is left to claim."""
+        """A worker thread: its own transport and connection until nothing is left to claim."""
         transport = self.factory()
         try:
-            self._work_loop(issue_id, template, report, transport)
+            with self.store.engine.connect() as db:
+                _Worker(self, db, transport, template, report).run(issue_id)
         except Exception as exc:  # a database error must stop the send, not hang it
             self._stop_all(report, f"a worker failed: {type(exc).__name__}: {exc}")
         finally:
             transport.close()
 
-    def _work_loop(
-        self, issue_id: int, template: MessageTemplate, report: SendReport, transport: Transport
-    ) -> None:
-        failures = 0
-        with self.store.session() as session:
-            while not self.stop.is_set():
-                batch = claim(session, issue_id, self.owner, self.options.batch_size)
-                if not batch:
-                    if not self._wait_for_due(session, issue_id):
-                        return
-                    continue
-                renewed = time.monotonic()
-                for index, delivery in enumerate(batch):
-                    if time.monotonic() - renewed > CLAIM_RENEWAL:
-                        touch(session, [d.id for d in batch[index:]], self.owner)
-                        renewed = time.monotonic()
-                    if self.stop.is_set() or failures >= self.options.max_connection_failures:
-                        release(session, [d.id for d in batch[index:]], self.owner)
-                        session.commit()
-                        if failures >= self.options.max_connection_failures:
-                            self._stop_all(report, "the SMTP server cannot be reached")
-                        return
-                    outcome = self._deliver(session, transport, template, delivery, report)
-                    failures = failures + 1 if outcome and outcome.code is None else 0
-
-    def _wait_for_due(self, session, issue_id: int) -> bool:
+    def _wait_for_due(self, db: Connection, issue_id: int) -> bool:
         """Nothing to claim now: wait for retries that are due later, or stop when all is done."""
-        open_count, due = waiting_on(session, issue_id, self.owner)
+        open_count, due = waiting_on(db, issue_id, self.owner)
         if open_count == 0:
             return False  # what is left is in this process's other workers' hands
-        reclaim_abandoned(session, issue_id, self.owner)
+        reclaim_abandoned(db, issue_id, self.owner)
         delay = self.options.idle_poll
         if due is not None:
             delay = min(max((due - utcnow()).total_seconds(), 0.01), self.options.idle_poll)
         self.stop.wait(delay)
         return True
-
-    def _deliver(
-        self,
-        session,
-        transport: Transport,
-        template: MessageTemplate,
-        delivery: Claimed,
-        report: SendReport,
-    ) -> Outcome | None:
-        if not delivery.active:
-            mark(session, delivery.id, self.owner, "skipped", last_answer="no longer subscribed")
-            session.commit()
-            self._count(report, "skipped")
-            return None
-        message_id = new_message_id(template.domain)
-        recipient = Recipient(
-            delivery.email,
-            delivery.name,
-            unsubscribe_url(self.settings.site_url, self._tokens.unsubscribe_token(delivery.email)),
-            message_id,
-        )
-        data = template.build(recipient)
-        self.pacer.wait()
-        outcome = transport.send(template.envelope_from, delivery.email, data)
-        self._record(session, delivery, outcome, message_id, report)
-        return outcome
-
-    def _record(
-        self, session, delivery: Claimed, outcome: Outcome, message_id: str, report: SendReport
-    ) -> None:
-        answer = outcome.answer[:500]
-        if outcome.throttle:
-            self.pacer.throttled()
-        if outcome.status == "sent":
-            mark(
-                session, delivery.id, self.owner, "sent", last_answer=answer, message_id=message_id
-            )
-            status = "sent"
-        elif outcome.status == "bounced":
-            mark_bounced(session, delivery, self.owner, answer)
-            status = "bounced"
-        elif outcome.status == "retry" and delivery.attempts < self.options.max_attempts:
-            delay = min(
-                self.options.retry_base * 2 ** (delivery.attempts - 1), self.options.retry_max
-            )
-            mark(
-                session,
-                delivery.id,
-                self.owner,
-                "queued",
-                last_answer=answer,
-                next_attempt_at=utcnow() + timedelta(seconds=delay),
-            )
-            status = "retried"
-        else:
-            mark(session, delivery.id, self.owner, "failed", last_answer=answer)
-            status = "failed"
-        session.commit()
-        self._count(report, status, delivery.email, answer)
 
     def _count(self, report: SendReport, status: str, email: str = "", answer: str = "") -> None:
         with self._lock:
@@ -366,6 +298,123 @@ class Sender:
         with self._lock:
             report.stopped_reason = report.stopped_reason or reason
         self.stop.set()
+
+
+class _Worker:
+    """One connection's loop: claim a batch, send each message, record the answers.
+
+    Accepted messages go to the journal at once and to the ledger in batches
+    (every ``FLUSH_EVERY`` messages or ``FLUSH_SECONDS``); other answers are rare and
+    recorded at once.
+    """
+
+    def __init__(
+        self,
+        sender: Sender,
+        db: Connection,
+        transport: Transport,
+        template: MessageTemplate,
+        report: SendReport,
+    ) -> None:
+        self.sender, self.db, self.transport = sender, db, transport
+        self.template, self.report = template, report
+        self.owner = sender.owner
+        self.options = sender.options
+        self.accepted: list[tuple[int, str, str, datetime]] = []
+        self.first_accepted = 0.0
+        self.failures = 0
+
+    def run(self, issue_id: int) -> None:
+        try:
+            while not self.sender.stop.is_set():
+                batch = claim(self.db, issue_id, self.owner, self.options.batch_size)
+                if not batch:
+                    if not self.sender._wait_for_due(self.db, issue_id):
+                        return
+                    continue
+                if not self._send_batch(batch):
+                    return
+        finally:
+            self._flush()
+
+    def _send_batch(self, batch: list[Claimed]) -> bool:
+        renewed = time.monotonic()
+        for index, delivery in enumerate(batch):
+            if time.monotonic() - renewed > CLAIM_RENEWAL:
+                self._flush()
+                touch(self.db, [d.id for d in batch[index:]], self.owner)
+                renewed = time.monotonic()
+            unreachable = self.failures >= self.options.max_connection_failures
+            if self.sender.stop.is_set() or unreachable:
+                self._flush()
+                release(self.db, [d.id for d in batch[index:]], self.owner)
+                if unreachable:
+                    self.sender._stop_all(self.report, "the SMTP server cannot be reached")
+                return False
+            self._deliver(delivery)
+        return True
+
+    def _deliver(self, delivery: Claimed) -> None:
+        sender = self.sender
+        if not delivery.active:
+            mark(self.db, delivery.id, self.owner, "skipped", last_answer="no longer subscribed")
+            self.db.commit()
+            sender._count(self.report, "skipped")
+            return
+        message_id = new_message_id(self.template.domain)
+        url = unsubscribe_url(
+            sender.settings.site_url, sender._tokens.unsubscribe_token(delivery.email)
+        )
+        data = self.template.build(Recipient(delivery.email, delivery.name, url, message_id))
+        sender.pacer.wait()
+        outcome = self.transport.send(self.template.envelope_from, delivery.email, data)
+        self.failures = self.failures + 1 if outcome.code is None else 0
+        if outcome.throttle:
+            sender.pacer.throttled()
+        if outcome.status == "sent":
+            now = time.time()
+            sender.journal.accepted(delivery.id, message_id, now)
+            if not self.accepted:
+                self.first_accepted = time.monotonic()
+            self.accepted.append(
+                (delivery.id, outcome.answer[:500], message_id, datetime.fromtimestamp(now, UTC))
+            )
+            sender._count(self.report, "sent")
+            if (
+                len(self.accepted) >= FLUSH_EVERY
+                or time.monotonic() - self.first_accepted > FLUSH_SECONDS
+            ):
+                self._flush()
+            return
+        self._record_failure(delivery, outcome)
+
+    def _record_failure(self, delivery: Claimed, outcome: Outcome) -> None:
+        answer = outcome.answer[:500]
+        if outcome.status == "bounced":
+            mark_bounced(self.db, delivery, self.owner, answer)
+            status = "bounced"
+        elif outcome.status == "retry" and delivery.attempts < self.options.max_attempts:
+            backoff = self.options.retry_base * 2 ** (delivery.attempts - 1)
+            delay = min(backoff, self.options.retry_max)
+            mark(
+                self.db,
+                delivery.id,
+                self.owner,
+                "queued",
+                last_answer=answer,
+                next_attempt_at=utcnow() + timedelta(seconds=delay),
+            )
+            status = "retried"
+        else:
+            mark(self.db, delivery.id, self.owner, "failed", last_answer=answer)
+            status = "failed"
+        self.db.commit()
+        self.sender._count(self.report, status, delivery.email, answer)
+
+    def _flush(self) -> None:
+        if self.accepted:
+            record_sent(self.db, self.owner, self.accepted)
+            self.accepted = []
 
 
 def deliver_issue(store: Store, settings: Settings, issue_id: int, **kwargs) -> SendReport:

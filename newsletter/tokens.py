@@ -8,7 +8,9 @@ RFC 8058 one-click POST carries nothing but the URL.
 
 from __future__ import annotations
 
-from itsdangerous import BadSignature, SignatureExpired, URLSafeSerializer, URLSafeTimedSerializer
+from base64 import urlsafe_b64decode, urlsafe_b64encode
+
+from itsdangerous import BadSignature, SignatureExpired, Signer, URLSafeTimedSerializer
 
 CONFIRM_MAX_AGE = 7 * 24 * 3600
 
@@ -21,13 +23,18 @@ class Tokens:
     """Makes and checks the two kinds of token with one secret key."""
 
     def __init__(self, secret_key: str, confirm_max_age: int = CONFIRM_MAX_AGE) -> None:
-        self._unsubscribe = URLSafeSerializer(secret_key, salt="newsletter.unsubscribe")
+        self._unsubscribe = Signer(secret_key, salt="newsletter.unsubscribe")
         self._confirm = URLSafeTimedSerializer(secret_key, salt="newsletter.confirm")
         self.confirm_max_age = confirm_max_age
 
     def unsubscribe_token(self, email: str) -> str:
-        """A token that unsubscribes ``email``, valid forever."""
-        return self._unsubscribe.dumps(email.lower())
+        """A token that unsubscribes ``email``, valid forever.
+
+        A signed base64 address rather than a serialized payload: one is made per
+        message of every send, and this costs a third of the serializer's time.
+        """
+        value = urlsafe_b64encode(email.lower().encode("utf-8")).rstrip(b"=")
+        return self._unsubscribe.sign(value).decode("ascii")
 
     def confirm_token(self, email: str) -> str:
         """A token that confirms ``email``'s signup, valid for ``confirm_max_age`` seconds."""
@@ -35,11 +42,15 @@ class Tokens:
 
     def read_unsubscribe(self, token: str) -> str:
         """The address an unsubscribe token was made for; ``InvalidToken`` if it is not genuine."""
-        return self._load(self._unsubscribe.loads, token)
+        return self._load(self._unsigned_address, token)
 
     def read_confirm(self, token: str) -> str:
         """The address a confirm token was made for; ``InvalidToken`` if forged or expired."""
         return self._load(lambda t: self._confirm.loads(t, max_age=self.confirm_max_age), token)
+
+    def _unsigned_address(self, token: str) -> str:
+        value = self._unsubscribe.unsign(token.encode("ascii"))
+        return urlsafe_b64decode(value + b"=" * (-len(value) % 4)).decode("utf-8")
 
     @staticmethod
     def _load(loader, token: str) -> str:

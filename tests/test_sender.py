@@ -217,3 +217,31 @@ def test_already_sent_digest_is_refused(store, tmp_path: Path) -> None:
     with pytest.raises(InputError, match="already sent"):
         plan_send(store, settings, renamed)
     assert plan_send(store, settings, renamed, force=True).resume is None
+
+
+def test_dead_senders_journal_is_replayed(store, tmp_path: Path, monkeypatch) -> None:
+    """Rows a killed sender journaled as accepted become sent; the rest are requeued."""
+    import socket
+
+    from newsletter.journal import Journal
+    from newsletter.ledger import claim, reclaim_abandoned
+
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
+    _subscribe(store, 5)
+    settings = _settings(tmp_path)
+    issue_id = _start(store, settings, tmp_path)
+    dead = f"{socket.gethostname()}:999999999:1:deadbeef"
+    with store.session() as session:
+        claimed = claim(session, issue_id, dead, 5)
+    journal = Journal(dead)
+    journal.accepted(claimed[0].id, "m0@example.com", 1_700_000_000.0)
+    journal.accepted(claimed[1].id, "m1@example.com", 1_700_000_001.0)
+    with store.session() as session:
+        assert reclaim_abandoned(session, issue_id, "me") == 3
+    with store.session() as session:
+        rows = session.execute(
+            select(Delivery.id, Delivery.status, Delivery.message_id).order_by(Delivery.id)
+        ).all()
+    assert [r.status for r in rows] == ["sent", "sent", "queued", "queued", "queued"]
+    assert rows[0].message_id == "m0@example.com"
+    assert not journal.path.exists()
