@@ -44,6 +44,9 @@ class Settings:
     timezone: str | None = None
     templates_dir: Path | None = None
     misfire_grace: int = 3600
+    trusted_proxies: int = 0
+    allowed_redirects: tuple[str, ...] = ()
+    frame_ancestors: tuple[str, ...] = ()
 
     @property
     def tz(self) -> ZoneInfo | None:
@@ -100,6 +103,28 @@ def _url(env: dict, name: str, default: str | None) -> str | None:
     if parts.scheme not in {"http", "https"} or not parts.netloc:
         raise ConfigError(f"{name}: {raw!r} is not an http(s) URL")
     return raw.rstrip("/")
+
+
+def _origins(env: dict, name: str) -> tuple[str, ...]:
+    """Comma- or space-separated origins (``https://blog.example.com``), normalised."""
+    origins = []
+    for raw in (_text(env, name) or "").replace(",", " ").split():
+        parts = urlsplit(raw)
+        try:
+            parts.port  # noqa: B018 -- raises ValueError for a port that is not a number
+        except ValueError:
+            parts = urlsplit("")
+        if (
+            parts.scheme not in {"http", "https"}
+            or not parts.hostname
+            or parts.path not in {"", "/"}
+            or parts.query
+            or parts.fragment
+            or parts.username
+        ):
+            raise ConfigError(f"{name}: {raw!r} is not an origin like https://blog.example.com")
+        origins.append(f"{parts.scheme}://{parts.netloc.lower()}")
+    return tuple(origins)
 
 
 def _database_url(env: dict) -> str:
@@ -163,4 +188,7 @@ def load_settings(
         timezone=timezone,
         templates_dir=Path(templates) if templates else None,
         misfire_grace=_int(env, "NEWSLETTER_MISFIRE_GRACE", 3600, minimum=1),
+        trusted_proxies=_int(env, "NEWSLETTER_TRUSTED_PROXIES", 0),
+        allowed_redirects=_origins(env, "NEWSLETTER_ALLOWED_REDIRECTS"),
+        frame_ancestors=_origins(env, "NEWSLETTER_FRAME_ANCESTORS"),
     )

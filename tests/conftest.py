@@ -164,3 +164,38 @@ def make_smtp_sink():
 def smtp_env(smtp_sink) -> dict[str, str]:
     """NEWSLETTER_SMTP_* variables pointing at ``smtp_sink`` (security none, 5 s timeout)."""
     return smtp_sink.env()
+
+
+WEB_SECRET = "test-secret-key-that-signs-links-0123456789"
+
+
+@pytest.fixture
+def web_settings(clean_env: Path, database_url: str):
+    """Settings of the signup web app on the test's fresh database (a fixed secret key)."""
+    from newsletter.config import load_settings
+
+    return load_settings(
+        {
+            "NEWSLETTER_DATABASE_URL": database_url,
+            "NEWSLETTER_SITE_URL": "https://news.example.com",
+            "NEWSLETTER_NAME": "Weekly Links",
+            "NEWSLETTER_FROM": "Weekly Links <links@example.com>",
+            "NEWSLETTER_SECRET_KEY": WEB_SECRET,
+            "NEWSLETTER_OUTBOX_DIR": str(clean_env / "outbox"),
+        },
+        dotenv_path=clean_env / ".env",
+    )
+
+
+@pytest.fixture
+def app(web_settings, store):
+    """The Flask app of `newsletter serve` on ``store`` (no outbound worker: mail stays queued)."""
+    from newsletter.web import create_app
+
+    return create_app(web_settings, store)
+
+
+@pytest.fixture
+def client(app):
+    """Flask's test client for ``app``."""
+    return app.test_client()

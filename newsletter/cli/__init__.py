@@ -62,3 +62,7 @@ _issues.register(main)
 from newsletter.cli import schedule as _schedule  # noqa: E402
 
 _schedule.register(main)
+
+from newsletter.cli import serve as _serve  # noqa: E402
+
+_serve.register(main)

@@ -10,9 +10,9 @@ from pathlib import Path
 import click
 from sqlalchemy.orm import Session
 
-from newsletter import subscriber_io, subscribers
+from newsletter import outbound, signup, subscriber_io, subscribers
 from newsletter.cli import settings
-from newsletter.store import SUBSCRIBER_STATUSES, open_store
+from newsletter.store import SUBSCRIBER_STATUSES, Store, open_store
 
 CSV_FILE = click.Path(path_type=Path, dir_okay=False)
 status_option = click.option(
@@ -32,6 +32,26 @@ def _transaction() -> Iterator[Session]:
         yield session
 
 
+def _send_confirmations(store: Store, ids: list[int]) -> None:
+    """Send the confirmation emails just queued; exit 1 if some must wait for a retry."""
+    if not ids:
+        return
+    report = outbound.drain(store, settings(), ids)
+    click.echo(f"{report.sent} confirmation email{'' if report.sent == 1 else 's'} sent")
+    for address, answer in report.failures:
+        click.echo(f"error: confirmation email to {address} failed: {answer}", err=True)
+    waiting = len(ids) - report.sent - report.failed - report.bounced
+    if waiting:
+        click.echo(
+            f"error: {waiting} confirmation email(s) not sent yet"
+            f" ({report.unreachable or 'the server asked us to retry'});"
+            " they stay queued and `newsletter serve` retries them",
+            err=True,
+        )
+    if waiting or report.failures:
+        sys.exit(1)
+
+
 @click.group(name="subscribers")
 def group() -> None:
     """Manage the subscriber list."""
@@ -48,9 +68,18 @@ def add(email: str, name: str | None, pending: bool, resubscribe: bool) -> None:
     Example: newsletter subscribers add ada@example.com --name "Ada Lovelace"
     """
     status = "pending" if pending else "active"
-    with _transaction() as session:
-        subscriber = subscribers.add(session, email, name, status=status, resubscribe=resubscribe)
-    click.echo(f"{subscriber.email}: {subscriber.status}")
+    config = settings()
+    with open_store(config) as store:
+        tokens = signup.make_tokens(config, store) if pending else None
+        with store.begin() as session:
+            subscriber = subscribers.add(
+                session, email, name, status=status, resubscribe=resubscribe
+            )
+            queued = []
+            if tokens is not None and subscriber.status == "pending":
+                queued = outbound.queue_confirmations(session, config, tokens, [subscriber.email])
+        click.echo(f"{subscriber.email}: {subscriber.status}")
+        _send_confirmations(store, queued)
 
 
 @group.command()
@@ -124,13 +153,20 @@ def import_(file: Path, pending: bool, resubscribe: bool) -> None:
     Example: newsletter subscribers import subscribers/sample.csv
     """
     status = "pending" if pending else "active"
-    with _transaction() as session:
-        report = subscriber_io.import_csv(
-            session, file, default_status=status, resubscribe=resubscribe
-        )
-    for refused in report.refused:
-        click.echo(f"{file}:{refused.line}: {refused.message}", err=True)
-    click.echo(f"{file}: {report.summary()}")
+    config = settings()
+    with open_store(config) as store:
+        tokens = signup.make_tokens(config, store) if pending else None
+        with store.begin() as session:
+            report = subscriber_io.import_csv(
+                session, file, default_status=status, resubscribe=resubscribe
+            )
+            queued = []  # only --pending mails: a restored backup's pending rows get nothing
+            if tokens is not None and report.to_confirm:
+                queued = outbound.queue_confirmations(session, config, tokens, report.to_confirm)
+        for refused in report.refused:
+            click.echo(f"{file}:{refused.line}: {refused.message}", err=True)
+        click.echo(f"{file}: {report.summary()}")
+        _send_confirmations(store, queued)
     sys.exit(1 if report.refused else 0)
 
 

@@ -1,0 +1,255 @@
+"""What the signup web app does to the list: sign up, confirm and unsubscribe by token.
+
+A signup form on the open web is a tool for bots to make the list mail strangers, so:
+
+- the answer is the same whether the address was new, pending, active or stopped, and
+  :func:`signup`'s return value is for logs and tests, never for the visitor;
+- a filled honeypot field (``website``) creates nothing and sends nothing;
+- each client IP (IPv6: its /64) may sign up :data:`PER_IP_LIMIT` times per
+  :data:`PER_IP_WINDOW` (:class:`TooManySignups`, HTTP 429), and each address gets at
+  most :data:`PER_ADDRESS_LIMIT` confirmation mails per :data:`PER_ADDRESS_WINDOW` (more
+  signups get the usual answer and no mail); both counts live in the database, so they
+  hold across processes and restarts;
+- the confirmation mail carries nothing the visitor typed except the address itself;
+- who is active gets no mail again, and who bounced or complained stays so; who
+  unsubscribed and fills in the form again gives fresh consent: pending, and a
+  confirmation.
+
+Each function is one short write transaction (:func:`newsletter.writes.write_transaction`);
+the confirmation is built before it and queued inside it, with the subscriber change.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import math
+import re
+from datetime import datetime, timedelta
+from typing import Literal
+
+from sqlalchemy import and_, bindparam, delete, func, insert, or_, select, text, update
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import Session
+
+from newsletter import outbound, subscribers
+from newsletter.config import Settings
+from newsletter.errors import InputError
+from newsletter.store import SignupAttempt, Store, Subscriber, get_or_create_secret_key, utcnow
+from newsletter.tokens import Tokens
+from newsletter.writes import write_transaction
+
+PER_ADDRESS_LIMIT = 3
+PER_ADDRESS_WINDOW = timedelta(hours=24)
+PER_IP_LIMIT = 20
+PER_IP_WINDOW = timedelta(hours=1)
+
+Outcome = Literal["queued", "limited", "active", "stopped", "honeypot"]
+
+
+class InvalidSignup(InputError):
+    """A form field the visitor must correct; ``field`` names it, ``reason`` says why."""
+
+    def __init__(self, field: str, reason: str) -> None:
+        super().__init__(f"{field}: {reason}")
+        self.field, self.reason = field, reason
+
+
+class TooManySignups(InputError):
+    """This client signed up too often; try again after ``retry_after`` seconds."""
+
+    def __init__(self, retry_after: int) -> None:
+        super().__init__(f"too many signups from this network; try again in {retry_after} s")
+        self.retry_after = retry_after
+
+
+def make_tokens(settings: Settings, store: Store) -> Tokens:
+    """Tokens signed with the configured key, or the one generated once and kept in the
+    database (the same one ``newsletter send`` signs unsubscribe links with)."""
+    return Tokens(settings.secret_key or get_or_create_secret_key(store.engine))
+
+
+def client_key(ip: str | None) -> str:
+    """The rate-limit key of a client address: the IPv4 address, or the IPv6 /64."""
+    try:
+        address = ipaddress.ip_address((ip or "").strip())
+    except ValueError:
+        return "ip:unknown"
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped is not None:
+            return f"ip:{address.ipv4_mapped}"
+        return f"ip:{ipaddress.IPv6Network((address, 64), strict=False)}"
+    return f"ip:{address}"
+
+
+def _validated(email: str, name: str | None) -> tuple[str, str | None]:
+    if not (email or "").strip():
+        raise InvalidSignup("email", "Please enter your email address.")
+    try:
+        address = subscribers.normalise_email(email)
+    except InputError as exc:
+        detail = re.search(r"\((.+)\)$", str(exc))
+        reason = "This is not a valid email address" + (f": {detail[1]}." if detail else ".")
+        raise InvalidSignup("email", reason) from None
+    try:
+        return address, subscribers.validate_name(name)
+    except InputError as exc:
+        problem = "is too long" if "longer" in str(exc) else "has a line break or control character"
+        raise InvalidSignup("name", f"The name {problem}.") from None
+
+
+# Built once: a signup runs them under the write lock, where every microsecond is queued for.
+_ATTEMPTS = SignupAttempt.__table__
+_FROM_IP = and_(
+    _ATTEMPTS.c.key == bindparam("ip"), _ATTEMPTS.c.attempted_at > bindparam("ip_since")
+)
+_TO_ADDRESS = and_(
+    _ATTEMPTS.c.key == bindparam("address"), _ATTEMPTS.c.attempted_at > bindparam("address_since")
+)
+_RECENT = select(func.count().filter(_FROM_IP), func.count().filter(_TO_ADDRESS)).where(
+    or_(_FROM_IP, _TO_ADDRESS)
+)
+_RECORD_ATTEMPT = insert(_ATTEMPTS)
+_SUBSCRIBERS = Subscriber.__table__
+_FIND = select(_SUBSCRIBERS.c.id, _SUBSCRIBERS.c.status).where(
+    _SUBSCRIBERS.c.email == bindparam("email")
+)
+_ADD = insert(_SUBSCRIBERS)
+
+
+def _recent(session: Session, ip_key: str, address: str, now: datetime) -> tuple[int, int]:
+    """Signups from ``ip_key`` in the IP window, and confirmations to ``address`` in its own."""
+    counts = session.execute(
+        _RECENT,
+        {
+            "ip": ip_key,
+            "ip_since": now - PER_IP_WINDOW,
+            "address": address,
+            "address_since": now - PER_ADDRESS_WINDOW,
+        },
+    ).one()
+    return counts[0] or 0, counts[1] or 0
+
+
+def _retry_after(session: Session, key: str, now: datetime) -> int:
+    """Seconds until the oldest attempt that counts against ``key`` leaves the window."""
+    oldest_counted = session.scalar(
+        select(SignupAttempt.attempted_at)
+        .where(SignupAttempt.key == key, SignupAttempt.attempted_at > now - PER_IP_WINDOW)
+        .order_by(SignupAttempt.attempted_at.desc())
+        .offset(PER_IP_LIMIT - 1)
+        .limit(1)
+    )
+    if oldest_counted is None:
+        return 60
+    return max(1, math.ceil((oldest_counted + PER_IP_WINDOW - now).total_seconds()))
+
+
+def _apply(session: Session, address: str, name: str | None, now: datetime) -> Outcome | None:
+    """Change the subscriber for a signup; None when a confirmation is due.
+
+    Plain SQL statements under the write lock, following :mod:`newsletter.subscribers`'
+    rules (:func:`~newsletter.subscribers.next_status`, ``status_changes``).
+    """
+    existing = session.execute(_FIND, {"email": address}).first()
+    if existing is None:
+        row = {"email": address, "name": name, "source": "form", "created_at": now}
+        row |= {"confirmed_at": None} | subscribers.status_changes(None, "pending", now)
+        session.execute(_ADD, row)
+        return None
+    if existing.status in ("pending", "unsubscribed"):  # unsubscribed: they came back, asked
+        new = subscribers.next_status(existing.status, "pending", resubscribe=True)
+        values = subscribers.status_changes(existing.status, new, now)
+        if name:
+            values["name"] = name
+        if values:
+            session.execute(
+                update(_SUBSCRIBERS).where(_SUBSCRIBERS.c.id == existing.id).values(**values)
+            )
+        return None
+    # Active: never renamed by an unconfirmed form. Bounced, complained: left alone.
+    return "active" if existing.status == "active" else "stopped"
+
+
+def signup(
+    store: Store,
+    settings: Settings,
+    tokens: Tokens,
+    *,
+    email: str,
+    name: str | None = None,
+    ip: str | None = None,
+    website: str | None = None,
+) -> Outcome:
+    """Handle one form submission; the visitor sees the same answer for every outcome.
+
+    Raises :class:`InvalidSignup` for a field to correct and :class:`TooManySignups`
+    when this client is over its limit; "queued" means a confirmation awaits delivery.
+    """
+    if (website or "").strip():
+        return "honeypot"
+    address, name = _validated(email, name)
+    mail = outbound.prepare_confirmation(settings, tokens, address)
+    ip_key = client_key(ip)
+    now = utcnow()
+    with write_transaction(store, key=address) as session:
+        from_ip, to_address = _recent(session, ip_key, address, now)
+        if from_ip >= PER_IP_LIMIT:
+            raise TooManySignups(_retry_after(session, ip_key, now))
+        outcome = _apply(session, address, name, now)
+        if outcome is None and to_address >= PER_ADDRESS_LIMIT:
+            outcome = "limited"
+        keys = [ip_key] if outcome else [ip_key, address]
+        session.execute(_RECORD_ATTEMPT, [{"key": key, "attempted_at": now} for key in keys])
+        if outcome:
+            return outcome
+        outbound.queue(session, mail)
+        return "queued"
+
+
+def confirm(store: Store, email: str) -> Subscriber | None:
+    """Activate the pending subscriber of a confirm link; None if the address is gone.
+
+    Someone who unsubscribed since stays unsubscribed (a stale link never re-subscribes).
+    """
+    with write_transaction(store, key=email) as session:
+        subscriber = session.scalar(select(Subscriber).where(Subscriber.email == email))
+        if subscriber is not None:
+            subscribers.confirm(session, subscriber.id)
+        return subscriber
+
+
+def unsubscribe(store: Store, email: str) -> Subscriber | None:
+    """Stop all mail to the address of an unsubscribe link, at once; doing it twice is fine.
+
+    None when the address is not on the list (purged): there is nothing to stop.
+    """
+    with write_transaction(store, key=email) as session:
+        subscriber = session.scalar(select(Subscriber).where(Subscriber.email == email))
+        if subscriber is not None:
+            subscribers.unsubscribe(session, subscriber.id)
+        return subscriber
+
+
+def lookup(store: Store, email: str) -> Subscriber | None:
+    """The subscriber of a link's address, read only (what a GET may do)."""
+    with store.session() as session:
+        return session.scalar(select(Subscriber).where(Subscriber.email == email))
+
+
+def prune_attempts(store: Store) -> int:
+    """Forget signup attempts older than the longest rate-limit window."""
+    cutoff = utcnow() - max(PER_ADDRESS_WINDOW, PER_IP_WINDOW)
+    with write_transaction(store) as session:
+        return session.execute(
+            delete(SignupAttempt).where(SignupAttempt.attempted_at < cutoff)
+        ).rowcount
+
+
+def healthy(store: Store) -> bool:
+    """Whether the database answers a trivial query."""
+    try:
+        with store.engine.connect() as connection:
+            connection.execute(text("SELECT 1"))
+    except SQLAlchemyError:
+        return False
+    return True

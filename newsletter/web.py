@@ -1,0 +1,281 @@
+"""The signup web app: a Flask factory whose routes call :mod:`newsletter.signup`.
+
+    GET  /                   the form (plain HTML, works without JavaScript)
+    POST /subscribe          double opt-in; the same 303 answer for every address
+    GET  /thanks             "check your inbox"
+    GET  /confirm/TOKEN      activates the pending subscriber
+    GET  /unsubscribe/TOKEN  a page with one button; a GET never changes anything
+    POST /unsubscribe/TOKEN  unsubscribes at once and answers 200 (RFC 8058 one-click)
+    GET  /healthz            200 when the database answers, else 503
+    GET  /style.css          the pages' only stylesheet (the CSP allows nothing inline)
+
+No cookies, sessions or CSRF tokens, by design. Signup is meant to be posted from
+another site (a static blog), and what stops abuse is double opt-in, the honeypot and
+the rate limits, not the origin of the post. Unsubscribe must take the RFC 8058
+one-click POST that a mail provider sends with nothing but the URL; the signed token
+in the URL is the authority, and only the subscriber's own mail carries it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+from flask import Blueprint, Flask, Response, abort, current_app, g, redirect, render_template
+from flask import request as flask_request
+from werkzeug.exceptions import HTTPException
+from werkzeug.middleware.proxy_fix import ProxyFix
+
+from newsletter import signup
+from newsletter.config import Settings, load_settings
+from newsletter.render import template_environment
+from newsletter.store import Store, open_store
+from newsletter.tokens import CONFIRM_MAX_AGE, InvalidToken, Tokens
+
+MAX_BODY_BYTES = 16 * 1024  # a signup is well under 1 KB; anything bigger is not a person
+
+ERRORS = {
+    400: ("This link does not work", "The request could not be understood."),
+    404: ("Page not found", "There is nothing at this address."),
+    405: ("Not here", "This page cannot be used that way."),
+    413: (
+        "That was too much",
+        f"The form sent more than {MAX_BODY_BYTES // 1024} KB, more than a signup ever needs.",
+    ),
+    429: ("Too many signups", "Too many signups came from your network. Please try again later."),
+    500: ("Something went wrong on our side", "Please try again in a moment."),
+}
+
+bp = Blueprint("web", __name__)
+
+
+@dataclass(frozen=True)
+class WebContext:
+    """What the routes need, kept on the app (``app.extensions["newsletter"]``)."""
+
+    settings: Settings
+    store: Store
+    tokens: Tokens
+    notify: Callable[[], None]
+    css: bytes
+
+
+def _ctx() -> WebContext:
+    return current_app.extensions["newsletter"]
+
+
+def create_app(
+    settings: Settings | None = None,
+    store: Store | None = None,
+    *,
+    notify: Callable[[], None] | None = None,
+) -> Flask:
+    """The WSGI app. ``notify`` is called after a signup queued a confirmation (the
+    server's :class:`~newsletter.outbound.OutboundWorker` wakes up on it); without a
+    store one is opened from the settings."""
+    settings = settings or load_settings()
+    store = store or open_store(settings)
+    app = Flask(__name__, static_folder=None)
+    app.jinja_loader = template_environment(settings.templates_dir).loader  # type: ignore[assignment]
+    app.config.update(MAX_CONTENT_LENGTH=MAX_BODY_BYTES, MAX_FORM_PARTS=20)
+    css = app.jinja_env.get_template("web/style.css").render().encode("utf-8")
+    app.extensions["newsletter"] = WebContext(
+        settings, store, signup.make_tokens(settings, store), notify or (lambda: None), css
+    )
+    app.register_blueprint(bp)
+    app.register_error_handler(HTTPException, _http_error)
+    app.register_error_handler(InvalidToken, _bad_token)
+    app.before_request(_refuse_big_bodies)
+    app.after_request(_security_headers)
+    app.context_processor(lambda: {"list_name": _ctx().settings.list_name})
+    if settings.trusted_proxies:
+        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=settings.trusted_proxies)  # type: ignore[method-assign]
+    return app
+
+
+def embed_form(settings: Settings) -> str:
+    """An HTML form to paste into a static blog: it posts to this app, which answers with
+    its ``/thanks`` page (or a ``next`` URL on an origin in ``NEWSLETTER_ALLOWED_REDIRECTS``)."""
+    template = template_environment(settings.templates_dir).get_template("web/embed_form.html")
+    return template.render(site_url=settings.site_url, list_name=settings.list_name)
+
+
+# Routes --------------------------------------------------------------------------------
+
+
+def _page(template: str, status: int = 200, **context) -> Response:
+    return Response(render_template(template, **context), status, mimetype="text/html")
+
+
+def _safe_next(raw: str | None) -> str | None:
+    """``raw`` if it is an http(s) URL on our site or an allowed origin; else None."""
+    if not raw or len(raw) > 2000 or any(c in raw for c in "\\\r\n\t ") or not raw.isascii():
+        return None
+    try:
+        parts = urlsplit(raw)
+        origin = f"{parts.scheme}://{(parts.netloc or '').lower()}"
+        parts.port  # noqa: B018 -- raises ValueError for a port that is not a number
+    except ValueError:
+        return None
+    settings = _ctx().settings
+    site = urlsplit(settings.site_url)
+    allowed = {f"{site.scheme}://{site.netloc.lower()}", *settings.allowed_redirects}
+    if parts.scheme not in ("http", "https") or parts.username or origin not in allowed:
+        return None
+    return raw
+
+
+@bp.get("/")
+def form() -> Response:
+    g.embeddable = True
+    return _page(
+        "web/signup.html",
+        email="",
+        name="",
+        errors={},
+        next_url=_safe_next(flask_request.args.get("next")),
+    )
+
+
+@bp.get("/subscribe")
+def subscribe_page() -> Response:
+    return redirect("/", 302)  # type: ignore[return-value]
+
+
+@bp.post("/subscribe")
+def subscribe() -> Response:
+    g.embeddable = True
+    fields = flask_request.form
+    next_url = _safe_next(fields.get("next"))
+    ctx = _ctx()
+    try:
+        outcome = signup.signup(
+            ctx.store,
+            ctx.settings,
+            ctx.tokens,
+            email=fields.get("email", ""),
+            name=fields.get("name"),
+            ip=flask_request.remote_addr,
+            website=fields.get("website"),
+        )
+    except signup.InvalidSignup as exc:
+        return _page(
+            "web/signup.html",
+            400,
+            email=fields.get("email", ""),
+            name=fields.get("name", ""),
+            errors={exc.field: exc.reason},
+            next_url=next_url,
+        )
+    except signup.TooManySignups as exc:
+        minutes = max(1, round(exc.retry_after / 60))
+        response = _error_page(
+            429, message=f"Too many signups came from your network. Try again in {minutes} min."
+        )
+        response.headers["Retry-After"] = str(exc.retry_after)
+        return response
+    if outcome == "queued":
+        ctx.notify()
+    return redirect(next_url or "/thanks", 303)  # type: ignore[return-value]
+
+
+@bp.get("/thanks")
+def thanks() -> Response:
+    g.embeddable = True
+    return _page("web/thanks.html", days=CONFIRM_MAX_AGE // 86400)
+
+
+@bp.get("/confirm/<token>")
+def confirm(token: str) -> Response:
+    address = _ctx().tokens.read_confirm(token)
+    if flask_request.method == "HEAD":  # link checkers probe with HEAD: look, do not touch
+        subscriber = signup.lookup(_ctx().store, address)
+    else:
+        subscriber = signup.confirm(_ctx().store, address)
+    if subscriber is None:
+        raise InvalidToken("this address is no longer on the list")
+    return _page("web/confirmed.html", subscriber=subscriber)
+
+
+@bp.get("/unsubscribe/<token>")
+def unsubscribe_page(token: str) -> Response:
+    address = _ctx().tokens.read_unsubscribe(token)
+    subscriber = signup.lookup(_ctx().store, address)
+    stopped = subscriber is None or subscriber.status in ("unsubscribed", "bounced", "complained")
+    return _page("web/unsubscribe.html", email=address, stopped=stopped)
+
+
+@bp.post("/unsubscribe/<token>")
+def unsubscribe(token: str) -> Response:
+    address = _ctx().tokens.read_unsubscribe(token)
+    signup.unsubscribe(_ctx().store, address)
+    return _page("web/unsubscribed.html", email=address)
+
+
+@bp.get("/healthz")
+def healthz() -> Response:
+    if signup.healthy(_ctx().store):
+        return Response("ok\n", 200, mimetype="text/plain")
+    return Response("database unavailable\n", 503, mimetype="text/plain")
+
+
+@bp.get("/style.css")
+def style() -> Response:
+    response = Response(_ctx().css, mimetype="text/css")
+    response.headers["Cache-Control"] = "public, max-age=3600"
+    return response
+
+
+# Errors and headers --------------------------------------------------------------------
+
+
+def _error_page(code: int, title: str | None = None, message: str | None = None) -> Response:
+    default_title, default_message = ERRORS.get(code, ERRORS[500])
+    return _page(
+        "web/error.html",
+        code,
+        code=code,
+        title=title or default_title,
+        message=message or default_message,
+    )
+
+
+def _http_error(exc: HTTPException) -> Response:
+    code = exc.code or 500
+    response = _error_page(code if code in ERRORS else (400 if code < 500 else 500))
+    response.status_code = code
+    if code == 405 and exc.valid_methods:  # type: ignore[attr-defined]
+        response.headers["Allow"] = ", ".join(exc.valid_methods)  # type: ignore[attr-defined]
+    return response
+
+
+def _bad_token(exc: InvalidToken) -> Response:
+    reason = str(exc)
+    message = f"Sorry, {reason}."
+    if "expired" in reason:
+        message += " Sign up again to get a fresh confirmation link."
+    return _error_page(400, message=message)
+
+
+def _refuse_big_bodies() -> None:
+    if (flask_request.content_length or 0) > MAX_BODY_BYTES:
+        abort(413)
+
+
+def _security_headers(response: Response) -> Response:
+    settings = _ctx().settings
+    embeddable = g.get("embeddable", False) and settings.frame_ancestors
+    ancestors = " ".join(settings.frame_ancestors) if embeddable else "'none'"
+    form_action = " ".join(("'self'", *settings.allowed_redirects))
+    response.headers["Content-Security-Policy"] = (
+        "default-src 'none'; style-src 'self'; img-src 'self' data:; "
+        f"form-action {form_action}; frame-ancestors {ancestors}; base-uri 'none'"
+    )
+    if not embeddable:
+        response.headers["X-Frame-Options"] = "DENY"
+    response.headers["X-Content-Type-Options"] = "nosniff"
+    response.headers["Referrer-Policy"] = "no-referrer"  # tokens in our URLs stay ours
+    response.headers["Cross-Origin-Opener-Policy"] = "same-origin"
+    response.headers.setdefault("Cache-Control", "no-store")
+    return response
