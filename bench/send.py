@@ -191,26 +191,13 @@ def sqlite_database(work: Path) -> Iterator[str]:
         shutil.rmtree(folder, ignore_errors=True)
 
 
-@contextlib.contextmanager
-def postgres_database(server_url: str) -> Iterator[str]:
+def postgres_database(server_url: str):
     """A database of its own on ``server_url``'s server, dropped afterwards."""
     _import_root()
-    from sqlalchemy import create_engine
-    from sqlalchemy.engine import make_url
-    from sqlalchemy.pool import NullPool
+    sys.path.insert(0, str(ROOT / "tests"))
+    from databases import fresh_postgres_database
 
-    name = f"newsletter_bench_{uuid.uuid4().hex[:12]}"
-    admin = create_engine(server_url, isolation_level="AUTOCOMMIT", poolclass=NullPool)
-    try:
-        with admin.connect() as connection:
-            connection.exec_driver_sql(f'CREATE DATABASE "{name}"')
-        try:
-            yield make_url(server_url).set(database=name).render_as_string(hide_password=False)
-        finally:
-            with admin.connect() as connection:
-                connection.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    finally:
-        admin.dispose()
+    return fresh_postgres_database(server_url, prefix="newsletter_bench")
 
 
 def postgres_unreachable(server_url: str) -> str | None:

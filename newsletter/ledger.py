@@ -294,28 +294,26 @@ def mark_bounced(db: Connection, claimed: Claimed, owner: str, answer: str) -> N
             session.flush()
 
 
-def release(db: Connection | Session, delivery_ids: list[int], owner: str) -> None:
-    """Give back claimed deliveries that were never sent (a stop before their turn)."""
-    if delivery_ids:
+def _update_claimed(db: Connection | Session, ids: list[int], owner: str, **values) -> None:
+    if ids:
         db.execute(
             update(_D)
-            .where(_D.c.id.in_(delivery_ids), _D.c.claimed_by == owner)
-            .where(_D.c.status == "sending")
-            .values(status="queued", claimed_by=None, attempts=_D.c.attempts - 1)
+            .where(_D.c.id.in_(ids), _D.c.claimed_by == owner, _D.c.status == "sending")
+            .values(**values)
         )
         db.commit()
+
+
+def release(db: Connection | Session, delivery_ids: list[int], owner: str) -> None:
+    """Give back claimed deliveries that were never sent (a stop before their turn)."""
+    _update_claimed(
+        db, delivery_ids, owner, status="queued", claimed_by=None, attempts=_D.c.attempts - 1
+    )
 
 
 def touch(db: Connection | Session, delivery_ids: list[int], owner: str) -> None:
     """Renew this process's claim on rows it still holds, so they never look abandoned."""
-    if delivery_ids:
-        db.execute(
-            update(_D)
-            .where(_D.c.id.in_(delivery_ids), _D.c.claimed_by == owner)
-            .where(_D.c.status == "sending")
-            .values(claimed_at=utcnow())
-        )
-        db.commit()
+    _update_claimed(db, delivery_ids, owner, claimed_at=utcnow())
 
 
 def reclaim_abandoned(db: Connection | Session, issue_id: int, me: str = "") -> int:
