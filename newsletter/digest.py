@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 import tomllib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,6 +25,12 @@ MUST_FIX = "must-fix"  # renders, but must be fixed before sending: exit 1
 _NON_ASCII_RUN = re.compile(r"[^\x00-\x7f]+")
 _HEADING = re.compile(r"^#\s+(.+?)\s*#*\s*$")
 _FENCE = re.compile(r"^\s*(```|~~~)")
+# Control characters a subject or preheader must not carry: C0 but tab (whitespace, collapsed
+# like a space), DEL, C1 (NEL among them) and the Unicode line and paragraph separators. A CR
+# or LF in a subject is how a header is smuggled into a message.
+_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f-\x9f\u2028\u2029]")
+_HEADER_FIELDS = ("subject", "title", "description")  # description becomes the preheader
+_INJECTION = "control characters (a header-injection attempt?) are not allowed"
 
 
 @dataclass(frozen=True)
@@ -50,7 +57,7 @@ class Digest:
 
     @property
     def title(self) -> str:
-        return str(self.meta.get("title") or self.subject)
+        return " ".join(str(self.meta.get("title") or self.subject).split())
 
     def line_of(self, needle: str) -> int:
         """File line number of the first body line containing ``needle`` (body start if none)."""
@@ -124,23 +131,56 @@ def _split_front_matter(lines: list[str], path: Path) -> tuple[dict, int]:
     return meta, end + 1
 
 
-def _scalar(meta: dict, key: str, path: Path) -> str | None:
+def _field_line(lines: list[str], body_index: int, key: str) -> int:
+    """File line of top-level front matter ``key`` (the front matter's first line when it
+    cannot be told), so an error points where the user must edit."""
+    front = lines[1 : body_index - 1]
+    if lines[0].strip() == "---":
+        try:
+            node = yaml.compose("\n".join(front), Loader=yaml.BaseLoader)
+        except yaml.YAMLError:
+            return 2
+        if isinstance(node, yaml.MappingNode):
+            found = [k.start_mark.line for k, _ in node.value if k.value == key]
+            return 2 + found[-1] if found else 2  # YAML keeps the last of repeated keys
+        return 2
+    quoted = "|".join(re.escape(f"{q}{key}{q}") for q in ("", '"', "'"))
+    assignment = re.compile(rf"\s*(?:{quoted})\s*=")
+    for offset, line in enumerate(front):
+        if line.lstrip().startswith("["):  # a table: the keys after it are not top-level
+            break
+        if assignment.match(line):
+            return 2 + offset
+    return 2
+
+
+def _scalar(meta: dict, key: str, where: Callable[[str], str]) -> str | None:
+    """A front matter field as one line of text; None when absent or empty.
+
+    Leading and trailing line breaks (a YAML ``|`` or ``>`` block ends with one) are
+    dropped, tabs and runs of spaces collapse, but a control character inside the text is
+    refused rather than collapsed: a subject must say what its author typed, and a CR or LF
+    in it is an attempt to add a header, not a typo to tidy away.
+    """
     value = meta.get(key)
     if value is None or value == "":
         return None
     if isinstance(value, list | dict):
-        raise DigestError(f"{path}: front matter field {key!r} must be text")
-    text = " ".join(str(value).split())
-    return text or None
+        raise DigestError(f"{where(key)}: front matter field {key!r} must be text")
+    text = str(value).strip(" \t\r\n")
+    if _CONTROL.search(text):
+        raise DigestError(f"{where(key)}: front matter field {key!r}: {_INJECTION}")
+    return " ".join(text.split()) or None
 
 
-def _first_heading(lines: list[str]) -> str | None:
+def _first_heading(lines: list[str]) -> tuple[str, int] | None:
+    """The first ``#`` heading outside fenced code, and its index in ``lines``."""
     in_code = False
-    for line in lines:
+    for index, line in enumerate(lines):
         if _FENCE.match(line):
             in_code = not in_code
         elif not in_code and (match := _HEADING.match(line)):
-            return match.group(1)
+            return match.group(1), index
     return None
 
 
@@ -156,22 +196,29 @@ def parse_digest(text: str, path: Path | str = "<digest>") -> Digest:
             lines[number - 1] = fixed
     meta, body_index = _split_front_matter(lines, path)
     body_lines = lines[body_index:]
-    subject = (
-        _scalar(meta, "subject", path) or _scalar(meta, "title", path) or _first_heading(body_lines)
-    )
+
+    def where(key: str) -> str:
+        return f"{path}:{_field_line(lines, body_index, key)}"
+
+    # Every field that reaches a header or the inbox preview is checked, used or not.
+    subject, title, preheader = (_scalar(meta, key, where) for key in _HEADER_FIELDS)
+    subject = subject or title
+    if not subject and (heading := _first_heading(body_lines)):
+        text, index = heading
+        if _CONTROL.search(text):
+            raise DigestError(f"{path}:{body_index + index + 1}: heading: {_INJECTION}")
+        subject = " ".join(text.split())
     if not subject:
         raise DigestError(
             f"{path}:1: no title: add 'title:' to the front matter or a '# heading' to the text"
         )
-    if any(ord(ch) < 32 for ch in subject):
-        raise DigestError(f"{path}: subject contains control characters")
     return Digest(
         path=path,
         meta=meta,
         body="\n".join(body_lines) + "\n",
         body_line=body_index + 1,
         subject=subject,
-        preheader=_scalar(meta, "description", path),
+        preheader=preheader,
         findings=findings,
         source="\n".join(lines) + "\n",
     )

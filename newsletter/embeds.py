@@ -43,11 +43,31 @@ _INCLUDES = {"youtube.html": "youtube", "vimeo.html": "vimeo"}
 
 _REMOVED_TAGS = frozenset(
     {"script", "style", "object", "embed", "form", "applet", "frame", "frameset"}
-    | {"base", "link", "meta"}
+    | {"base", "link", "meta", "svg"}  # SVG: <a xlink:href>, <animate>, <set> run script
 )
 _HEAD_TAGS = frozenset({"style", "link", "meta"})
+_MATH_ANNOTATIONS = frozenset({"annotation", "annotation-xml"})
 _LINK_SCHEMES = frozenset({"", "http", "https", "mailto", "cid"})
 _IMAGE_SCHEMES = frozenset({"", "http", "https", "cid"})
+# Attributes (by local name, so xlink:href too) that a client may follow or fetch, and the
+# schemes each may use. `<a href>` and `<img src>` are handled on their own, keeping text.
+_URL_ATTRIBUTES = {
+    **dict.fromkeys(("href", "action", "formaction", "cite", "longdesc"), _LINK_SCHEMES),
+    **dict.fromkeys(("src", "background", "poster", "data", "lowsrc", "dynsrc"), _IMAGE_SCHEMES),
+}
+_SRCSET_ATTRIBUTES = frozenset({"srcset", "imagesrcset"})
+_CSS_COMMENT = re.compile(r"/\*.*?(?:\*/|\Z)", re.DOTALL)
+_CSS_ESCAPE = re.compile(r"\\(?:([0-9a-fA-F]{1,6})[ \t\r\n\f]?|(.))", re.DOTALL)
+_CSS_URL_START = re.compile(r"url\(", re.IGNORECASE)
+_CSS_URL = re.compile(r"url\(\s*(?:\"([^\"]*)\"|'([^']*)'|([^\"'()\s]*))\s*\)", re.IGNORECASE)
+_CSS_SCRIPT = (
+    "javascript:",
+    "vbscript:",
+    "livescript:",
+    "expression(",
+    "-moz-binding",
+    "behavior:",
+)
 
 
 @dataclass(frozen=True)
@@ -295,24 +315,32 @@ def _markup(embed: Embed) -> list[HtmlElement]:
 
 
 def strip_active_content(root: HtmlElement) -> list[str]:
-    """Remove what an email must not carry (scripts, forms, handlers, script links), in place.
+    """Remove what an email must not carry (scripts, forms, SVG, handlers, script URLs), in place.
 
-    Iframes and videos are left to ``replace_embeds``, so the two can run in either order.
-    Returns one readable lint message per removal.
+    Every attribute a client could follow or fetch goes through one scheme allow-list, and
+    so does every ``url()`` of an inline style, because a ``javascript:`` URL hidden in
+    MathML, SVG or CSS is just as live as one in ``<a href>``. Iframes and videos are left
+    to ``replace_embeds``, so the two can run in either order. Returns one readable lint
+    message per removal, naming the element as ``<tag>`` so its line can be found.
     """
     findings: list[str] = []
     for element in list(root.iter()):
         if not isinstance(element.tag, str) or not any(a is root for a in element.iterancestors()):
             continue
-        tag = element.tag.lower()
+        tag = _local(element.tag)
         in_head = any(ancestor.tag == "head" for ancestor in element.iterancestors())
         if tag in _REMOVED_TAGS and not (in_head and tag in _HEAD_TAGS):
             findings.append(f"removed <{tag}>")
             element.drop_tree()
             continue
-        for name in [name for name in element.attrib if name.lower().startswith("on")]:
-            del element.attrib[name]
-            findings.append(f"removed {name} attribute from <{tag}>")
+        if tag == "math":  # few clients show MathML; its words read fine as text
+            findings.append("removed <math> markup, keeping its text")
+            for annotation in [e for e in element.iter() if _local(e.tag) in _MATH_ANNOTATIONS]:
+                annotation.drop_tree()  # the TeX source would repeat the formula
+            element.tail = element.text_content() + (element.tail or "")
+            element.drop_tree()
+            continue
+        findings += _strip_attributes(element, tag)
         if tag == "a" and (kind := _disallowed(element.get("href"), _LINK_SCHEMES)):
             findings.append(f"removed {kind} link '{_snippet(element.text_content())}'")
             element.drop_tag()
@@ -324,6 +352,102 @@ def strip_active_content(root: HtmlElement) -> list[str]:
         elif tag == "noscript":
             element.drop_tag()
     return findings
+
+
+def _strip_attributes(element: HtmlElement, tag: str) -> list[str]:
+    """Drop event handlers, script-bearing styles and URL attributes with a scheme that is
+    not allowed; ``<a href>`` and ``<img src>`` are left to the caller, which keeps text."""
+    findings: list[str] = []
+    for name in list(element.attrib):
+        local = _local(name)
+        value = element.attrib[name]
+        if local.startswith("on"):
+            reason = f"removed {name} attribute from <{tag}>"
+        elif local == "style" and (kind := _unsafe_style(value)):
+            reason = f"removed style attribute with {kind} from <{tag}>"
+        elif (tag, name) in (("a", "href"), ("img", "src")):
+            continue
+        elif kind := _url_problem(local, value):
+            reason = f"removed {kind} {name} attribute from <{tag}>"
+        else:
+            continue
+        del element.attrib[name]
+        findings.append(reason)
+    return findings
+
+
+def _url_problem(local: str, value: str) -> str | None:
+    """The disallowed scheme of a URL-bearing attribute's value, or None."""
+    if local in _URL_ATTRIBUTES:
+        return _disallowed(value, _URL_ATTRIBUTES[local])
+    if local in _SRCSET_ATTRIBUTES:
+        return _disallowed_srcset(value)
+    return None
+
+
+def _local(name: str) -> str:
+    """``svg:a``, ``xlink:href`` or ``{namespace}href`` without its prefix, in lower case."""
+    return name.rsplit("}", 1)[-1].rsplit(":", 1)[-1].lower()
+
+
+def _unsafe_style(style: str) -> str | None:
+    """What makes an inline style run script or fetch a non-http(s) URL, as a short label;
+    None for an ordinary style. CSS escapes are undone first, as a client would; comments
+    are read both as comments and as text, since inside a string they are not comments."""
+    unescaped = _CSS_ESCAPE.sub(_css_unescape, style)
+    for css in (unescaped, _CSS_ESCAPE.sub(_css_unescape, _CSS_COMMENT.sub("", style))):
+        squeezed = re.sub(r"[\s\x00]+", "", css).lower()
+        for keyword in _CSS_SCRIPT:
+            if keyword in squeezed:
+                return keyword.removesuffix("(") + ("()" if keyword.endswith("(") else "")
+        position = 0
+        while found := _CSS_URL_START.search(css, position):
+            match = _CSS_URL.match(css, found.start())
+            if match is None:
+                return "unparsable url()"
+            url = next(group for group in match.groups() if group is not None)
+            if kind := _disallowed(url, _IMAGE_SCHEMES):
+                return f"{kind} url()"
+            position = match.end()
+    return None
+
+
+def _css_unescape(match: re.Match[str]) -> str:
+    if match[1] is None:
+        return match[2]
+    code = int(match[1], 16)
+    return chr(code) if 0 < code <= 0x10FFFF and not 0xD800 <= code <= 0xDFFF else "\ufffd"
+
+
+def _disallowed_srcset(srcset: str) -> str | None:
+    """The first disallowed scheme among a ``srcset``'s candidate URLs, or None."""
+    for candidate in _srcset_urls(srcset):
+        if kind := _disallowed(candidate, _IMAGE_SCHEMES):
+            return kind
+    return None
+
+
+def _srcset_urls(srcset: str) -> list[str]:
+    """The URLs of ``url [descriptor], …`` candidates, read as the HTML standard does: a URL
+    may itself contain commas (``data:``), so only a comma after whitespace or at its end
+    ends one."""
+    urls: list[str] = []
+    position, length = 0, len(srcset)
+    while position < length:
+        while position < length and (srcset[position].isspace() or srcset[position] == ","):
+            position += 1
+        start = position
+        while position < length and not srcset[position].isspace():
+            position += 1
+        url = srcset[start:position]
+        if url.endswith(","):
+            url = url.rstrip(",")
+        else:
+            while position < length and srcset[position] != ",":
+                position += 1
+        if url:
+            urls.append(url)
+    return urls
 
 
 def _disallowed(url: str | None, allowed: frozenset[str]) -> str | None:

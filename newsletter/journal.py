@@ -11,6 +11,7 @@ at the kill (sent, but the server's answer not yet read) can go twice.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import threading
@@ -18,8 +19,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 
-def journal_dir() -> Path:
-    """Where journals live on this host: ``$XDG_STATE_HOME/newsletter/journal``."""
+def journal_dir(database_url: str | None = None) -> Path:
+    """Where journals live: beside a SQLite database file (so every user and service of it
+    finds them), else ``$XDG_STATE_HOME/newsletter/journal`` on this host."""
+    if database_url and database_url.startswith("sqlite:///") and ":memory:" not in database_url:
+        return Path(database_url.removeprefix("sqlite:///")).resolve().parent / "journal"
     state = os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state"
     return Path(state) / "newsletter" / "journal"
 
@@ -36,22 +40,30 @@ class Journal:
         self._fd: int | None = None
         self._lock = threading.Lock()
 
+    def open(self) -> None:
+        """Create the file now, before any message goes out (OSError if it cannot be)."""
+        with self._lock:
+            if self._fd is None:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+
     def accepted(self, delivery_id: int, message_id: str, when: float) -> None:
         """Note that the server accepted this delivery's message."""
         line = f"{delivery_id}\t{message_id}\t{when:.6f}\n".encode()
         with self._lock:
             if self._fd is None:
-                self.path.parent.mkdir(parents=True, exist_ok=True)
-                self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+                raise RuntimeError("the journal was not opened")
             os.write(self._fd, line)
 
-    def close(self) -> None:
-        """Close and delete: everything it held is in the ledger now."""
+    def close(self, keep: bool = False) -> None:
+        """Close it; delete it unless ``keep`` (the ledger may lack what it holds: the next
+        sender replays it)."""
         with self._lock:
             if self._fd is not None:
                 os.close(self._fd)
                 self._fd = None
-            self.path.unlink(missing_ok=True)
+            if not keep:
+                self.path.unlink(missing_ok=True)
 
 
 def recover(owner: str, directory: Path | None = None) -> list[tuple[int, str, datetime]]:
@@ -59,7 +71,7 @@ def recover(owner: str, directory: Path | None = None) -> list[tuple[int, str, d
     path = _path(directory or journal_dir(), owner)
     try:
         text = path.read_text("utf-8", "replace")
-    except FileNotFoundError:
+    except OSError:
         return []
     entries = []
     for line in text.splitlines():
@@ -75,4 +87,5 @@ def recover(owner: str, directory: Path | None = None) -> list[tuple[int, str, d
 
 def discard(owner: str, directory: Path | None = None) -> None:
     """Delete a dead sender's journal once it has been replayed."""
-    _path(directory or journal_dir(), owner).unlink(missing_ok=True)
+    with contextlib.suppress(OSError):  # nothing to delete where nothing could be written
+        _path(directory or journal_dir(), owner).unlink(missing_ok=True)

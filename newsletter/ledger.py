@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import threading
 import uuid
 from base64 import b64decode, b64encode
 from dataclasses import dataclass
@@ -62,19 +63,49 @@ def _process_start(pid: int) -> str | None:
     return None if fields[0] in {"Z", "X"} else fields[19]
 
 
+def _machine() -> str:
+    """This kernel boot and pid namespace: where a pid means the same process as ours."""
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()[:8]
+        namespace = "".join(ch for ch in os.readlink("/proc/self/ns/pid") if ch.isdigit())
+    except OSError:
+        return "?"
+    return f"{boot}-{namespace}"
+
+
+_LIVE_OWNERS: set[str] = set()  # senders running in this process right now
+_LIVE_LOCK = threading.Lock()
+
+
 def new_owner() -> str:
-    """A name for this sending process, recorded on the rows it claims."""
+    """A name for a sender, recorded on the rows it claims: host, boot and pid namespace,
+    pid and process start time, and a unique suffix (several senders may share a process)."""
     pid = os.getpid()
-    return f"{socket.gethostname()}:{pid}:{_process_start(pid) or '?'}:{uuid.uuid4().hex[:8]}"
+    started = _process_start(pid) or "?"
+    return f"{socket.gethostname()}:{_machine()}:{pid}:{started}:{uuid.uuid4().hex[:8]}"
+
+
+def register_owner(owner: str, live: bool) -> None:
+    """Note that a sender of this process started or finished (see :func:`_owner_is_dead`)."""
+    with _LIVE_LOCK:
+        (_LIVE_OWNERS.add if live else _LIVE_OWNERS.discard)(owner)
 
 
 def _owner_is_dead(owner: str, me: str) -> bool:
-    """True when ``owner`` ran on this host and that process is gone (or is not it any more)."""
-    host, pid, started, _ = [*owner.split(":"), "", "", ""][:4]
-    if owner == me or host != socket.gethostname() or not pid.isdigit():
+    """True only when ``owner`` is known to be gone; when in doubt, the stale timeout decides.
+
+    Known gone: it ran in this very process and is not running any more, or it ran on
+    this host, in this boot and pid namespace, and its pid is free or now belongs to a
+    process that started at another time.
+    """
+    host, machine, pid, started, _ = [*owner.split(":"), "", "", "", ""][:5]
+    if owner == me or host != socket.gethostname() or machine != _machine() or "?" in machine:
         return False
-    if int(pid) == os.getpid():
-        return True  # our pid, but not us: the owner died and the pid was reused
+    if not pid.isdigit():
+        return False
+    if int(pid) == os.getpid() and started == _process_start(os.getpid()):
+        with _LIVE_LOCK:
+            return owner not in _LIVE_OWNERS
     now_started = _process_start(int(pid))
     if now_started is None:
         return True
@@ -316,7 +347,9 @@ def touch(db: Connection | Session, delivery_ids: list[int], owner: str) -> None
     _update_claimed(db, delivery_ids, owner, claimed_at=utcnow())
 
 
-def reclaim_abandoned(db: Connection | Session, issue_id: int, me: str = "") -> int:
+def reclaim_abandoned(
+    db: Connection | Session, issue_id: int, me: str = "", journals: Path | None = None
+) -> int:
     """Requeue deliveries claimed by a process that died (same host) or went silent.
 
     A dead same-host sender's journal is replayed first: what the server accepted is
@@ -330,8 +363,9 @@ def reclaim_abandoned(db: Connection | Session, issue_id: int, me: str = "") -> 
     ).all()
     dead = [owner for owner in owners if owner and _owner_is_dead(owner, me)]
     for owner in dead:
-        record_sent(db, owner, [(i, "250 (from the journal)", m, t) for i, m, t in recover(owner)])
-        discard(owner)
+        replayed = recover(owner, journals)
+        record_sent(db, owner, [(i, "250 (from the journal)", m, t) for i, m, t in replayed])
+        discard(owner, journals)
     stale_before = utcnow() - STALE_CLAIM
     result = db.execute(
         update(_D)

@@ -54,6 +54,11 @@ def _encode_header(name: str, value: str) -> str:
     return Header(clean_header_value(value), charset, header_name=name).encode(linesep=CRLF)
 
 
+def _ascii_filename(name: str) -> str:
+    """A file name safe in a header without encoding (the image is shown inline anyway)."""
+    return re.sub(r"[^A-Za-z0-9._-]", "_", name) or "image"
+
+
 def envelope_address(header: str) -> str:
     """The bare address of a header value like ``Name <addr>`` (for MAIL FROM)."""
     return parseaddr(header)[1]
@@ -122,14 +127,14 @@ class MessageTemplate:
         list_host = urlsplit(site_url).hostname or self.domain
         slug = re.sub(r"[^a-z0-9]+", "-", list_name.lower()).strip("-") or "newsletter"
         headers = [
-            f"From: {clean_header_value(from_address)}",
+            f"From: {address_header(*parseaddr(from_address))}",
             f"To: {placeholder('to_header')}",
             f"Subject: {_encode_header('Subject', issue.subject)}",
             f"Date: {placeholder('date')}",
             f"Message-ID: <{placeholder('message_id')}>",
         ]
         if reply_to:
-            headers.append(f"Reply-To: {clean_header_value(reply_to)}")
+            headers.append(f"Reply-To: {address_header(*parseaddr(reply_to))}")
         headers += [
             f"List-Id: {address_header(list_name, f'{slug}.{list_host}')}",
             f"List-Unsubscribe: <{placeholder('header_unsubscribe_url')}>",
@@ -167,7 +172,7 @@ class MessageTemplate:
             parts.append(
                 f"Content-Type: {image.content_type}{CRLF}"
                 f"Content-ID: <{image.cid}>{CRLF}"
-                f'Content-Disposition: inline; filename="{image.filename}"{CRLF}'
+                f'Content-Disposition: inline; filename="{_ascii_filename(image.filename)}"{CRLF}'
                 f"Content-Transfer-Encoding: base64{CRLF}{CRLF}{data}"
             )
         return self._multipart("related", boundary, parts)

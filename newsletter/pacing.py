@@ -13,7 +13,7 @@ import threading
 import time
 from collections import deque
 
-MIN_RATE = 1.0  # messages per second: never slower than this
+MIN_RATE = 0.1  # messages per second: never slower than this
 RECOVERY = 1.25  # the pace grows by 25% per second without a throttling answer
 REACTION = 1.0  # seconds: answers within this long after a slow-down count as one
 

@@ -22,7 +22,7 @@ from sqlalchemy import Connection
 from newsletter.config import Settings
 from newsletter.digest import MUST_FIX, Digest, load_digest
 from newsletter.errors import DeliveryError, InputError
-from newsletter.journal import Journal
+from newsletter.journal import Journal, journal_dir
 from newsletter.ledger import (
     Claimed,
     claim,
@@ -36,6 +36,7 @@ from newsletter.ledger import (
     next_due,
     reclaim_abandoned,
     record_sent,
+    register_owner,
     release,
     touch,
     waiting_on,
@@ -49,6 +50,7 @@ from newsletter.transports import Outcome, Transport, make_transport
 
 TransportFactory = Callable[[], Transport]
 GIL_SWITCH = 0.001  # seconds; Python's default 5 ms leaves answered connections idle
+THROTTLED_ATTEMPTS = 4  # times max_attempts, for answers that ask us to slow down
 FLUSH_EVERY = 50  # accepted messages recorded in the ledger per statement
 FLUSH_SECONDS = 0.5  # and at least this often
 CLAIM_RENEWAL = 60.0  # seconds; well inside ledger.STALE_CLAIM, so a slow batch stays ours
@@ -122,6 +124,7 @@ def plan_send(store: Store, settings: Settings, path: Path | str, force: bool = 
             f"{digest.path}:{first.line}: {first.message} "
             f"({len(must_fix)} problem(s); `newsletter check` lists them, --force sends anyway)"
         )
+    _template(settings, rendered)  # a message that cannot be built fails before any issue exists
     with store.session() as session:
         existing = find_issue(session, digest.path.name, content_hash(digest))
         if existing is not None and existing.status == "sending":
@@ -229,7 +232,8 @@ class Sender:
         self.pacer = Pacer(settings.send_rate)
         self._lock = threading.Lock()
         self._tokens = Tokens(secret_key(settings, store))
-        self.journal = Journal(self.owner)
+        self.journal = Journal(self.owner, journal_dir(settings.database_url))
+        self._clean_exit = True
 
     def run(self, issue_id: int) -> SendReport:
         """Deliver every open delivery of the issue that is due, then report."""
@@ -242,14 +246,21 @@ class Sender:
             if issue.status != "sending":
                 report.stopped_reason = f"issue {issue_id} is already {issue.status}"
                 return report
-            reclaim_abandoned(session, issue_id, self.owner)
+            reclaim_abandoned(session, issue_id, self.owner, self.journal.path.parent)
             template = _template(self.settings, load_rendered(issue.rendered))
         workers = [
             threading.Thread(target=self._work, args=(issue_id, template, report), daemon=True)
             for _ in range(self.settings.smtp_connections)
         ]
+        try:
+            self.journal.open()
+        except OSError as exc:
+            raise DeliveryError(
+                f"cannot write the send journal {self.journal.path}: {exc.strerror or exc}"
+            ) from None
         switch = sys.getswitchinterval()
         sys.setswitchinterval(GIL_SWITCH)  # a worker whose server answered gets the GIL sooner
+        register_owner(self.owner, live=True)
         try:
             for worker in workers:
                 worker.start()
@@ -257,7 +268,9 @@ class Sender:
                 worker.join()
         finally:
             sys.setswitchinterval(switch)
-        self.journal.close()  # every worker flushed what it journaled into the ledger
+            register_owner(self.owner, live=False)
+            # Kept when a worker failed: what it had not recorded is replayed on resume.
+            self.journal.close(keep=not self._clean_exit)
         with self.store.session() as session:
             finish_if_done(session, issue_id)
             report.open, _ = next_due(session, issue_id)
@@ -271,7 +284,9 @@ class Sender:
             with self.store.engine.connect() as db:
                 _Worker(self, db, transport, template, report).run(issue_id)
         except Exception as exc:  # a database error must stop the send, not hang it
-            self._stop_all(report, f"a worker failed: {type(exc).__name__}: {exc}")
+            self._clean_exit = False
+            reason = (str(exc).strip().splitlines() or [""])[0]
+            self._stop_all(report, f"a worker failed: {type(exc).__name__}: {reason}")
         finally:
             transport.close()
 
@@ -280,7 +295,7 @@ class Sender:
         open_count, due = waiting_on(db, issue_id, self.owner)
         if open_count == 0:
             return False  # what is left is in this process's other workers' hands
-        reclaim_abandoned(db, issue_id, self.owner)
+        reclaim_abandoned(db, issue_id, self.owner, self.journal.path.parent)
         delay = self.options.idle_poll
         if due is not None:
             delay = min(max((due - utcnow()).total_seconds(), 0.01), self.options.idle_poll)
@@ -329,6 +344,7 @@ class _Worker:
             while not self.sender.stop.is_set():
                 batch = claim(self.db, issue_id, self.owner, self.options.batch_size)
                 if not batch:
+                    self._flush()  # others wait on rows that are accepted but unrecorded
                     if not self.sender._wait_for_due(self.db, issue_id):
                         return
                     continue
@@ -368,9 +384,14 @@ class _Worker:
         data = self.template.build(Recipient(delivery.email, delivery.name, url, message_id))
         sender.pacer.wait()
         outcome = self.transport.send(self.template.envelope_from, delivery.email, data)
-        self.failures = self.failures + 1 if outcome.code is None else 0
+        dropped = outcome.status == "retry" and outcome.code is None
+        self.failures = self.failures + 1 if dropped else 0
         if outcome.throttle:
             sender.pacer.throttled()
+        if outcome.sender_refused:
+            release(self.db, [delivery.id], self.owner)
+            sender._stop_all(self.report, f"the server refuses to send for us: {outcome.answer}")
+            return
         if outcome.status == "sent":
             now = time.time()
             sender.journal.accepted(delivery.id, message_id, now)
@@ -393,16 +414,15 @@ class _Worker:
         if outcome.status == "bounced":
             mark_bounced(self.db, delivery, self.owner, answer)
             status = "bounced"
-        elif outcome.status == "retry" and delivery.attempts < self.options.max_attempts:
+        elif outcome.status == "retry" and delivery.attempts < self._attempts_allowed(outcome):
             backoff = self.options.retry_base * 2 ** (delivery.attempts - 1)
-            delay = min(backoff, self.options.retry_max)
             mark(
                 self.db,
                 delivery.id,
                 self.owner,
                 "queued",
                 last_answer=answer,
-                next_attempt_at=utcnow() + timedelta(seconds=delay),
+                next_attempt_at=utcnow() + timedelta(seconds=min(backoff, self.options.retry_max)),
             )
             status = "retried"
         else:
@@ -410,6 +430,11 @@ class _Worker:
             status = "failed"
         self.db.commit()
         self.sender._count(self.report, status, delivery.email, answer)
+
+    def _attempts_allowed(self, outcome: Outcome) -> int:
+        """Throttling is about our pace, not the address: it may go on for hours (at the
+        longest backoff, four times the attempts take about two hours by default)."""
+        return self.options.max_attempts * (THROTTLED_ATTEMPTS if outcome.throttle else 1)
 
     def _flush(self) -> None:
         if self.accepted:

@@ -48,6 +48,8 @@ class Outcome:
     code: int | None  # the SMTP reply code; None when the connection dropped or timed out
     answer: str  # one line, e.g. "250 2.0.0 Ok: queued as X" or "connection dropped: ..."
     throttle: bool = False  # the server asked us to slow down (421, 451, 454)
+    # A 5xx to MAIL FROM: the server refuses us (quota, sender address), not this recipient.
+    sender_refused: bool = False
 
 
 class Transport(Protocol):
@@ -98,7 +100,7 @@ def classify(stage: str, code: int, message: bytes | str) -> Outcome:
         )
         if stage in ("rcpt", "final") and unknown:
             return Outcome("bounced", code, answer)
-        return Outcome("failed", code, answer)
+        return Outcome("failed", code, answer, sender_refused=stage == "mail")
     return Outcome("retry", code if code > 0 else None, f"unexpected reply: {answer}")
 
 

@@ -3,7 +3,7 @@
     GET  /                   the form (plain HTML, works without JavaScript)
     POST /subscribe          double opt-in; the same 303 answer for every address
     GET  /thanks             "check your inbox"
-    GET  /confirm/TOKEN      activates the pending subscriber
+    GET  /confirm/TOKEN      activates the pending subscriber (HEAD only looks)
     GET  /unsubscribe/TOKEN  a page with one button; a GET never changes anything
     POST /unsubscribe/TOKEN  unsubscribes at once and answers 200 (RFC 8058 one-click)
     GET  /healthz            200 when the database answers, else 503
@@ -14,6 +14,10 @@ another site (a static blog), and what stops abuse is double opt-in, the honeypo
 the rate limits, not the origin of the post. Unsubscribe must take the RFC 8058
 one-click POST that a mail provider sends with nothing but the URL; the signed token
 in the URL is the authority, and only the subscriber's own mail carries it.
+
+The token routes take every method and an optional trailing slash, and read the token
+before anything else: a bad or forged token is the same friendly 400 page however it
+arrives; only a good token with a method its page has no use for gets a 405.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from urllib.parse import urlsplit
 
 from flask import Blueprint, Flask, Response, abort, current_app, g, redirect, render_template
 from flask import request as flask_request
-from werkzeug.exceptions import HTTPException
+from werkzeug.exceptions import HTTPException, MethodNotAllowed
 from werkzeug.middleware.proxy_fix import ProxyFix
 
 from newsletter import signup
@@ -34,6 +38,7 @@ from newsletter.store import Store, open_store
 from newsletter.tokens import CONFIRM_MAX_AGE, InvalidToken, Tokens
 
 MAX_BODY_BYTES = 16 * 1024  # a signup is well under 1 KB; anything bigger is not a person
+TOKEN_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
 
 ERRORS = {
     400: ("This link does not work", "The request could not be understood."),
@@ -186,9 +191,36 @@ def thanks() -> Response:
     return _page("web/thanks.html", days=CONFIRM_MAX_AGE // 86400)
 
 
-@bp.get("/confirm/<token>")
+def _token_route(prefix: str) -> Callable[[Callable[[str], Response]], Callable[[str], Response]]:
+    """Route ``prefix`` and ``prefix/TOKEN`` for every method, slash or not, so that no way
+    of arriving with a bad token (none, a truncated one, a trailing slash, a PUT) misses
+    the view and its friendly 400 for a 404 or 405."""
+
+    def register(view: Callable[[str], Response]) -> Callable[[str], Response]:
+        options = {"view_func": view, "methods": TOKEN_METHODS, "strict_slashes": False}
+        bp.add_url_rule(prefix, defaults={"token": ""}, **options)
+        bp.add_url_rule(f"{prefix}/<path:token>", **options)
+        return view
+
+    return register
+
+
+def _method_answer(*methods: str) -> Response | None:
+    """Once the token is known good: 204 with ``Allow`` for OPTIONS, a friendly 405 for a
+    method the page has no use for, None to go on."""
+    allowed = (*methods, "OPTIONS")
+    if flask_request.method == "OPTIONS":
+        return Response(status=204, headers={"Allow": ", ".join(allowed)})
+    if flask_request.method not in methods:
+        raise MethodNotAllowed(valid_methods=allowed)
+    return None
+
+
+@_token_route("/confirm")
 def confirm(token: str) -> Response:
-    address = _ctx().tokens.read_confirm(token)
+    address = _ctx().tokens.read_confirm(token.rstrip("/"))  # a bad token is a 400 first
+    if (answer := _method_answer("GET", "HEAD")) is not None:
+        return answer
     if flask_request.method == "HEAD":  # link checkers probe with HEAD: look, do not touch
         subscriber = signup.lookup(_ctx().store, address)
     else:
@@ -198,19 +230,18 @@ def confirm(token: str) -> Response:
     return _page("web/confirmed.html", subscriber=subscriber)
 
 
-@bp.get("/unsubscribe/<token>")
-def unsubscribe_page(token: str) -> Response:
-    address = _ctx().tokens.read_unsubscribe(token)
+@_token_route("/unsubscribe")
+def unsubscribe(token: str) -> Response:
+    address = _ctx().tokens.read_unsubscribe(token.rstrip("/"))  # a bad token is a 400 first
+    if (answer := _method_answer("GET", "HEAD", "POST")) is not None:
+        return answer
+    if flask_request.method == "POST":  # RFC 8058 one-click, or the page's button
+        signup.unsubscribe(_ctx().store, address)
+        return _page("web/unsubscribed.html", email=address)
+    # A GET only shows the button: mail scanners fetch every link they see.
     subscriber = signup.lookup(_ctx().store, address)
     stopped = subscriber is None or subscriber.status in ("unsubscribed", "bounced", "complained")
     return _page("web/unsubscribe.html", email=address, stopped=stopped)
-
-
-@bp.post("/unsubscribe/<token>")
-def unsubscribe(token: str) -> Response:
-    address = _ctx().tokens.read_unsubscribe(token)
-    signup.unsubscribe(_ctx().store, address)
-    return _page("web/unsubscribed.html", email=address)
 
 
 @bp.get("/healthz")

@@ -72,6 +72,35 @@ def test_render_bad_input_one_line_exit_2_nothing_written(
     assert list(clean_env.iterdir()) == [clean_env / "bad.md"]
 
 
+HEADER_INJECTION = (
+    b'---\nauthor: "Mallory"\ntitle: "Hello\\r\\nBcc: victim@example.com"\n---\nbody\n'
+)
+INJECTION_ERROR = (
+    "evil.md:3: front matter field 'title': "
+    "control characters (a header-injection attempt?) are not allowed"
+)
+
+
+def test_render_refuses_header_injection_in_one_line(runner: CliRunner, clean_env: Path) -> None:
+    """A CR/LF in the title (YAML escapes make them real) is one line naming the file, line
+    and field on stderr, exit 2, nothing written."""
+    (clean_env / "evil.md").write_bytes(HEADER_INJECTION)
+    result = runner.invoke(main, ["render", "evil.md", "-o", "out.html"])
+    assert result.exit_code == 2
+    assert result.stderr == f"error: {INJECTION_ERROR}\n"
+    assert result.stdout == ""
+    assert list(clean_env.iterdir()) == [clean_env / "evil.md"]
+
+
+def test_check_refuses_header_injection_in_one_line(runner: CliRunner, clean_env: Path) -> None:
+    """`check` prints the same one line and exits 2; a clean digest beside it adds nothing."""
+    (clean_env / "evil.md").write_bytes(HEADER_INJECTION)
+    (clean_env / "fine.md").write_text("---\ntitle: Fine\n---\nbody\n", "utf-8")
+    result = runner.invoke(main, ["check", "evil.md", "fine.md"])
+    assert result.exit_code == 2
+    assert result.stdout == f"{INJECTION_ERROR}\n"
+
+
 def test_check_exit_codes(runner: CliRunner, fixtures_dir: Path, clean_env: Path) -> None:
     """check: 0 with warnings for repairs, 1 for a missing image, 2 for an unreadable digest."""
     digest = _copy(fixtures_dir, clean_env, "mojibake-digest.md", "chart.png")

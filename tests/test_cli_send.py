@@ -153,3 +153,30 @@ def test_issues_show(env: CliRunner, smtp_sink) -> None:
     assert shown.exit_code == 0
     assert "sent:         199" in shown.stdout
     assert "bounced: reader007@example.com: 550 5.1.1 user unknown" in shown.stdout
+
+
+def test_dry_run_with_test_copies_sends_nothing(env: CliRunner, smtp_sink) -> None:
+    """--to with --dry-run says what it would do and sends nothing."""
+    result = env.invoke(main, ["send", "digest.md", "--to", "me@example.org", "--dry-run"])
+    assert result.exit_code == 0
+    assert "would send test copies to me@example.org" in result.stdout
+    assert smtp_sink.messages == []
+
+
+def test_test_copy_warns_about_must_fix_problems(env: CliRunner, smtp_sink, clean_env) -> None:
+    """A test copy goes out despite a missing image, with the problem named on stderr."""
+    (clean_env / "chart.png").unlink()
+    result = env.invoke(main, ["send", "digest.md", "--to", "me@example.org"])
+    assert result.exit_code == 0
+    assert "chart.png" in result.stderr and len(smtp_sink.messages) == 1
+
+
+def test_non_ascii_from_name(env: CliRunner, smtp_sink, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A From display name like 'Élias' is RFC 2047-encoded, not a crash."""
+    monkeypatch.setenv("NEWSLETTER_FROM", "Élias Nema <elias@example.com>")
+    monkeypatch.setenv("NEWSLETTER_REPLY_TO", "Zoë <zoe@example.com>")
+    result = env.invoke(main, ["send", "digest.md", "--to", "me@example.org"])
+    assert result.exit_code == 0, result.output
+    parsed = email.message_from_bytes(smtp_sink.messages[0].data, policy=email.policy.default)
+    assert str(parsed["From"]) == "Élias Nema <elias@example.com>"
+    assert str(parsed["Reply-To"]) == "Zoë <zoe@example.com>"

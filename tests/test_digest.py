@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -116,3 +117,78 @@ def test_missing_file() -> None:
     """A digest path that does not exist is a one-line error."""
     with pytest.raises(DigestError, match="no such file"):
         load_digest("does/not/exist.md")
+
+
+INJECTION = "control characters (a header-injection attempt?) are not allowed"
+
+
+@pytest.mark.parametrize(
+    ("front_matter", "line", "key"),
+    [
+        ('title: "Hello\\r\\nBcc: victim@example.com"', 2, "title"),
+        ('author: me\ntitle: "Hello\\nBcc: victim@example.com"', 3, "title"),
+        ('title: ok\nsubject: "Hi\\rBcc: victim@example.com"', 3, "subject"),
+        ('subject: ok\ntitle: "Hi\\nthere"', 3, "title"),
+        ('title: ok\ndate: "2020-09-22"\ndescription: "pre\\nheader"', 4, "description"),
+        ('title: "nul\\0byte"', 2, "title"),
+        ('title: "escape\\e[31m"', 2, "title"),
+        ('title: "next\\Nline"', 2, "title"),
+        ('title: "line\\Lseparator"', 2, "title"),
+        ("title: |\n  two\n  lines", 2, "title"),
+        ('"title": "quoted\\nkey"', 2, "title"),
+        ('{title: "flow\\nmapping"}', 2, "title"),
+        ('title: first\ntitle: "second\\nwins"', 3, "title"),
+    ],
+)
+def test_control_characters_in_header_fields_are_refused_at_their_line(
+    front_matter: str, line: int, key: str
+) -> None:
+    """CR, LF, NUL, ESC, NEL or U+2028 in subject, title or description (YAML escapes make
+    them real) is a one-line error naming the file and the key's line, never collapsed."""
+    with pytest.raises(DigestError) as info:
+        parse_digest(f"---\n{front_matter}\n---\nbody\n", "news/d.md")
+    assert str(info.value) == f"news/d.md:{line}: front matter field {key!r}: {INJECTION}"
+
+
+@pytest.mark.parametrize(
+    ("front_matter", "line"),
+    [
+        ('title = "Hello\\r\\nBcc: victim@example.com"', 2),
+        ('author = "me"\n"title" = """two\nlines"""', 3),
+        ('author = "me"\n\n  title = "tab\\u0007bell"\n[extra]\ntitle = "x"', 4),
+    ],
+)
+def test_control_characters_in_toml_front_matter_are_refused_at_their_line(
+    front_matter: str, line: int
+) -> None:
+    """TOML escapes and multi-line strings are caught the same way, at the key's line."""
+    with pytest.raises(DigestError) as info:
+        parse_digest(f"+++\n{front_matter}\n+++\nbody\n", "d.md")
+    assert str(info.value) == f"d.md:{line}: front matter field 'title': {INJECTION}"
+
+
+def test_control_character_in_the_heading_subject_is_refused_at_its_line() -> None:
+    """A heading used as the subject with a NUL in it is refused at its file line."""
+    with pytest.raises(DigestError, match=rf"^d\.md:5: heading: {re.escape(INJECTION)}$"):
+        parse_digest("---\nauthor: me\n---\ntext\n# Head\x00ing\n", "d.md")
+
+
+def test_tabs_and_block_scalar_line_ends_are_not_injection() -> None:
+    """Tabs collapse to a space and the line break ending a YAML `|` or `>` block is dropped:
+    ordinary front matter keeps working."""
+    digest = parse_digest(
+        '---\ntitle: "a\\tb"\nsubject: |\n  One line\ndescription: >\n  folded long\n'
+        "  description\n---\n# Head\ting\n"
+    )
+    assert (digest.subject, digest.title, digest.preheader) == (
+        "One line",
+        "a b",
+        "folded long description",
+    )
+    assert parse_digest("# Head\ting\n").subject == "Head ing"
+
+
+def test_list_as_title_names_its_line() -> None:
+    """A title that is not text names its line too."""
+    with pytest.raises(DigestError, match=r"^d\.md:3: front matter field 'title' must be text$"):
+        parse_digest("---\nauthor: me\ntitle: [a, b]\n---\nbody\n", "d.md")

@@ -494,3 +494,139 @@ def test_head_styles_of_a_whole_document_are_kept() -> None:
     )
     assert strip_active_content(root) == ["removed <style>"]
     assert len(root.xpath("//head/style")) == 1 and not root.xpath("//body//style")
+
+
+def test_math_is_unwrapped_to_its_text_and_its_script_links_go() -> None:
+    """MathML with an xlink:href="javascript:…" becomes its plain words; TeX annotations,
+    which would repeat the formula, go too."""
+    root = fragment(
+        '<p>a<math><mi xlink:href="javascript:alert(9)">m</mi></math>b</p>'
+        "<p>E: <math><semantics><mrow><mi>x</mi><mo>=</mo><mn>2</mn></mrow>"
+        '<annotation encoding="application/x-tex">x=2</annotation></semantics></math>.</p>'
+    )
+    findings = strip_active_content(root)
+    assert html_of(root) == "<div><p>amb</p><p>E: x=2.</p></div>"
+    assert findings == ["removed <math> markup, keeping its text"] * 2
+
+
+def test_svg_goes_with_everything_inside_it() -> None:
+    """Inline SVG (whose <a xlink:href>, <set> and <animate> can run script) is dropped
+    whole, prefixed or not; the text after it stays."""
+    root = fragment(
+        '<p>x<svg><a xlink:href="javascript:x"><text>hi</text></a><path d="M0"/></svg>after</p>'
+        '<svg:svg><svg:a xlink:href="javascript:1">y</svg:a></svg:svg>'
+    )
+    findings = strip_active_content(root)
+    assert html_of(root) == "<div><p>xafter</p></div>"
+    assert findings == ["removed <svg>", "removed <svg>"]
+
+
+@pytest.mark.parametrize(
+    ("html", "kept", "finding"),
+    [
+        (
+            '<mi xlink:href="javascript:alert(9)">m</mi>',
+            "<mi>m</mi>",
+            "removed javascript: xlink:href attribute from <mi>",
+        ),
+        (
+            '<a href="https://e.com/" xlink:href="javascript:x">ok</a>',
+            '<a href="https://e.com/">ok</a>',
+            "removed javascript: xlink:href attribute from <a>",
+        ),
+        (
+            '<area href="vbscript:x" alt="map">',
+            '<area alt="map">',
+            "removed vbscript: href attribute from <area>",
+        ),
+        (
+            '<button formaction="javascript:x">b</button>',
+            "<button>b</button>",
+            "removed javascript: formaction attribute from <button>",
+        ),
+        (
+            '<table background="javascript:x"><tr><td>t</td></tr></table>',
+            "<table><tr><td>t</td></tr></table>",
+            "removed javascript: background attribute from <table>",
+        ),
+        (
+            '<blockquote cite="javascript:x">q</blockquote>',
+            "<blockquote>q</blockquote>",
+            "removed javascript: cite attribute from <blockquote>",
+        ),
+        (
+            '<img src="https://e.com/a.png" srcset="https://e.com/a.png 1x, javascript:x 2x">',
+            '<img src="https://e.com/a.png">',
+            "removed javascript: srcset attribute from <img>",
+        ),
+        (
+            '<img src="https://e.com/a.png" lowsrc="javascript:x">',
+            '<img src="https://e.com/a.png">',
+            "removed javascript: lowsrc attribute from <img>",
+        ),
+        (
+            '<source src="data:video/mp4;base64,AA">',
+            "<source></source>",
+            "removed data: src attribute from <source>",
+        ),
+    ],
+)
+def test_every_url_attribute_goes_through_the_scheme_allow_list(
+    html: str, kept: str, finding: str
+) -> None:
+    """href, xlink:href, src, srcset, action, formaction, background, cite… on any element:
+    a disallowed scheme takes the attribute away, and the element stays."""
+    root = fragment(html)
+    assert strip_active_content(root) == [finding]
+    assert html_of(root) == f"<div>{kept}</div>"
+
+
+def test_safe_url_attributes_are_kept() -> None:
+    """http(s), cid:, relative and fragment URLs stay, including a srcset whose URLs hold
+    commas and a table background."""
+    html = (
+        '<img src="https://e.com/a.png" srcset="https://e.com/a,b.png 1x, /b.png 2x" alt="a">'
+        '<table background="cid:bg"><tr><td background="https://e.com/bg.png">x</td></tr></table>'
+        '<blockquote cite="https://e.com/q">q</blockquote><area href="#top" alt="top">'
+    )
+    root = fragment(html)
+    assert strip_active_content(root) == []
+    assert html_of(root) == f"<div>{html}</div>"
+
+
+@pytest.mark.parametrize(
+    ("style", "kind"),
+    [
+        ("background:url(javascript:alert(1))", "javascript:"),
+        ("background:url( 'data:image/png;base64,AA' )", "data: url()"),
+        ('background-image:URL("vbscript:x")', "vbscript:"),
+        ("width:expression(alert(1))", "expression()"),
+        ("width:ex\\70 ression(alert(1))", "expression()"),
+        ("background:u\\72l(jav\\61script:x)", "javascript:"),
+        ("width:expr/**/ession(alert(1))", "expression()"),
+        ("font-family:'/*'; background:url(file:///etc/passwd); /*'*/", "file: url()"),
+        ("background:url(ftp://e.com/a.png)", "ftp: url()"),
+        ("background:url(javascript:x", "javascript:"),
+        ("background:url(a b)", "unparsable url()"),
+        ("-moz-binding:url(https://e.com/x.xml#x)", "-moz-binding"),
+    ],
+)
+def test_styles_with_script_or_foreign_urls_are_removed(style: str, kind: str) -> None:
+    """An inline style with javascript:, vbscript:, expression( or a url() that is not
+    http(s), cid: or relative loses the whole style attribute, CSS escapes and comments
+    notwithstanding; the element and its text stay."""
+    root = fragment('<p class="c">s</p>')
+    root[0].set("style", style)
+    assert strip_active_content(root) == [f"removed style attribute with {kind} from <p>"]
+    assert html_of(root) == '<div><p class="c">s</p></div>'
+
+
+def test_ordinary_styles_are_kept() -> None:
+    """Colours, http(s)/cid:/relative background images and quoted URLs are not active."""
+    html = (
+        "<p style='color:red; background:url(\"https://e.com/a.png\")'>a</p>"
+        "<p style=\"background-image:url('cid:bg'), url(/img/b.png)\">b</p>"
+    )
+    root = fragment(html)
+    assert strip_active_content(root) == []
+    assert html_of(root) == f"<div>{html}</div>"

@@ -10,7 +10,7 @@ import pytest
 from lxml import html as lxml_html
 
 from newsletter.config import load_settings
-from newsletter.digest import MUST_FIX, load_digest, parse_digest
+from newsletter.digest import FIXED, MUST_FIX, load_digest, parse_digest
 from newsletter.render import SAMPLE_RECIPIENT, Personalizer, placeholder, render_issue
 
 SHARED_SAMPLE = (
@@ -129,6 +129,32 @@ def test_unsafe_links_and_active_content_never_reach_the_email(tmp_path: Path) -
         assert needle not in text.lower()
     assert "#fn:1" in html
     assert any("javascript" in f.message and f.severity == MUST_FIX for f in issue.findings)
+
+
+def test_script_urls_in_math_svg_styles_and_srcset_never_reach_the_email(
+    tmp_path: Path,
+) -> None:
+    """javascript: hidden in MathML, SVG, an inline style or a srcset is gone from both
+    parts, and each removal is a warning at its line of the file."""
+    path = tmp_path / "d.md"
+    path.write_text(
+        '# T\n\nMaths: <math><mi xlink:href="javascript:alert(9)">m</mi></math> here.\n\n'
+        '<p style="background:url(javascript:alert(1))">styled</p>\n\n'
+        '<svg><a xlink:href="javascript:alert(2)"><text>icon</text></a></svg>\n\n'
+        '<img src="https://e.com/a.png" srcset="https://e.com/a.png 1x, javascript:alert(3) 2x"'
+        ' alt="pic">\n',
+        "utf-8",
+    )
+    issue, html, text = _render(path)
+    for needle in ("javascript:", "alert", "xlink", "<svg", "<math", "srcset"):
+        assert needle not in html.lower() and needle not in text.lower()
+    assert "Maths: m here." in html and "styled" in html and "e.com/a.png" in html
+    assert [(f.line, f.message, f.severity) for f in issue.findings] == [
+        (3, "removed <math> markup, keeping its text", FIXED),
+        (5, "removed style attribute with javascript: from <p>", FIXED),
+        (7, "removed <svg>", FIXED),
+        (9, "removed javascript: srcset attribute from <img>", FIXED),
+    ]
 
 
 def test_personal_fields_are_placeholders_escaped_per_recipient(fixtures_dir: Path) -> None:

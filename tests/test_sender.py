@@ -224,20 +224,22 @@ def test_dead_senders_journal_is_replayed(store, tmp_path: Path, monkeypatch) ->
     import socket
 
     from newsletter.journal import Journal
-    from newsletter.ledger import claim, reclaim_abandoned
+    from newsletter.ledger import _machine, claim, reclaim_abandoned
 
     monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
+    journals = tmp_path / "journals"
     _subscribe(store, 5)
     settings = _settings(tmp_path)
     issue_id = _start(store, settings, tmp_path)
-    dead = f"{socket.gethostname()}:999999999:1:deadbeef"
+    dead = f"{socket.gethostname()}:{_machine()}:999999999:1:deadbeef"
     with store.session() as session:
         claimed = claim(session, issue_id, dead, 5)
-    journal = Journal(dead)
+    journal = Journal(dead, journals)
+    journal.open()
     journal.accepted(claimed[0].id, "m0@example.com", 1_700_000_000.0)
     journal.accepted(claimed[1].id, "m1@example.com", 1_700_000_001.0)
     with store.session() as session:
-        assert reclaim_abandoned(session, issue_id, "me") == 3
+        assert reclaim_abandoned(session, issue_id, "me", journals) == 3
     with store.session() as session:
         rows = session.execute(
             select(Delivery.id, Delivery.status, Delivery.message_id).order_by(Delivery.id)
@@ -245,3 +247,65 @@ def test_dead_senders_journal_is_replayed(store, tmp_path: Path, monkeypatch) ->
     assert [r.status for r in rows] == ["sent", "sent", "queued", "queued", "queued"]
     assert rows[0].message_id == "m0@example.com"
     assert not journal.path.exists()
+
+
+def test_two_senders_in_one_process_share_an_issue(store, tmp_path: Path) -> None:
+    """Two senders of one issue in one process (the scheduler's thread pool) never take
+    each other's claims for a dead sender's: everyone gets exactly one message."""
+    import threading
+    from collections import Counter
+
+    addresses = _subscribe(store, 60)
+    settings = _settings(tmp_path)
+    issue_id = _start(store, settings, tmp_path)
+    transport = MemoryTransport()
+    options = SendOptions(batch_size=5, idle_poll=0.01)
+    senders = [
+        Sender(store, settings, factory=lambda: transport, options=options) for _ in range(2)
+    ]
+    threads = [threading.Thread(target=s.run, args=(issue_id,)) for s in senders]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert Counter(transport.recipients()) == Counter(addresses)
+
+
+def test_refusal_at_mail_from_stops_the_send(store, smtp_sink, tmp_path: Path) -> None:
+    """A 5xx to MAIL FROM (quota, banned sender) stops the send with rows left queued;
+    no subscriber's delivery is failed for it."""
+    _subscribe(store, 10)
+    smtp_sink.fail("mail", "550 5.4.5 Daily user sending quota exceeded")
+    settings = _settings(tmp_path, **smtp_sink.env())
+    issue_id = _start(store, settings, tmp_path)
+    report = deliver_issue(store, settings, issue_id, options=FAST)
+    assert not report.finished and report.failed == 0
+    assert "quota" in report.stopped_reason
+    assert set(_statuses(store, issue_id).values()) == {"queued"}
+
+
+def test_unwritable_journal_stops_before_any_message(store, tmp_path: Path, monkeypatch) -> None:
+    """A journal folder that cannot be created is a one-line DeliveryError before sending."""
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    monkeypatch.setattr("newsletter.sender.journal_dir", lambda url: blocker / "journal")
+    _subscribe(store, 3)
+    settings = _settings(tmp_path)
+    transport = MemoryTransport()
+    issue_id = _start(store, settings, tmp_path)
+    with pytest.raises(DeliveryError, match="cannot write the send journal"):
+        Sender(store, settings, factory=lambda: transport, options=FAST).run(issue_id)
+    assert transport.attempts == []
+
+
+def test_unsendable_address_is_not_a_dead_server(store, tmp_path: Path) -> None:
+    """Local failures without a server answer do not stop the send as 'unreachable'."""
+    addresses = _subscribe(store, 8)
+    settings = _settings(tmp_path)
+    transport = MemoryTransport(
+        lambda rcpt: Outcome("failed", None, "no SMTPUTF8") if rcpt < addresses[6] else None
+    )
+    report = Sender(store, settings, factory=lambda: transport, options=FAST).run(
+        _start(store, settings, tmp_path)
+    )
+    assert report.finished and report.failed == 6 and report.sent == 2

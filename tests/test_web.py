@@ -445,6 +445,111 @@ def test_bad_unsubscribe_token_is_a_friendly_400(
     assert _status(store, "ada@example.com") == "active"
 
 
+ALL_METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
+FORGED = Tokens("some-other-secret-key-entirely-000000")
+BAD_TOKEN_PATHS = {
+    "confirm forged": f"/confirm/{FORGED.confirm_token('ada@example.com')}",
+    "confirm malformed": "/confirm/not-a-token",
+    "confirm unsubscribe token": f"/confirm/{TOKENS.unsubscribe_token('ada@example.com')}",
+    "confirm forged, slash": f"/confirm/{FORGED.confirm_token('ada@example.com')}/",
+    "confirm with a slash inside": f"/confirm/{TOKENS.confirm_token('ada@example.com')}/x",
+    "confirm without token": "/confirm",
+    "confirm empty token": "/confirm/",
+    "unsubscribe forged": f"/unsubscribe/{FORGED.unsubscribe_token('ada@example.com')}",
+    "unsubscribe malformed": "/unsubscribe/not-a-token",
+    "unsubscribe confirm token": f"/unsubscribe/{TOKENS.confirm_token('ada@example.com')}",
+    "unsubscribe forged, slash": f"/unsubscribe/{FORGED.unsubscribe_token('ada@example.com')}/",
+    "unsubscribe non-ASCII": "/unsubscribe/%C3%A9t%C3%A9",
+    "unsubscribe without token": "/unsubscribe",
+    "unsubscribe empty token": "/unsubscribe/",
+}
+
+
+@sqlite_only
+@pytest.mark.parametrize("method", ALL_METHODS)
+@pytest.mark.parametrize("path", BAD_TOKEN_PATHS.values(), ids=BAD_TOKEN_PATHS.keys())
+def test_bad_token_is_a_friendly_400_whatever_the_method(
+    client: FlaskClient, store: Store, method: str, path: str
+) -> None:
+    """Any method, trailing slash or none, no token at all: a bad token is the 400 page,
+    never a 404, 405 or stack trace, and it changes nobody."""
+    _add(store, "ada@example.com", "pending")
+    _add(store, "bob@example.com")
+    response = client.open(path, method=method, data={"List-Unsubscribe": "One-Click"})
+    assert response.status_code == 400 and response.mimetype == "text/html"
+    if method != "HEAD":
+        page = _page_text(response)
+        assert "This link does not work" in page and "Traceback" not in page
+    assert "Allow" not in response.headers
+    assert (_status(store, "ada@example.com"), _status(store, "bob@example.com")) == (
+        "pending",
+        "active",
+    )
+
+
+def test_trailing_slash_on_good_links_works(client: FlaskClient, store: Store) -> None:
+    """A mail client or a person adding a slash to a good link changes nothing: confirm
+    activates, the unsubscribe page shows its button and its POST unsubscribes."""
+    _add(store, "ada@example.com", "pending")
+    assert client.head(f"/confirm/{TOKENS.confirm_token('ada@example.com')}/").status_code == 200
+    assert _status(store, "ada@example.com") == "pending"
+    confirmed = client.get(f"/confirm/{TOKENS.confirm_token('ada@example.com')}/")
+    assert confirmed.status_code == 200 and "subscribed" in _page_text(confirmed)
+    assert _status(store, "ada@example.com") == "active"
+    url = f"/unsubscribe/{TOKENS.unsubscribe_token('ada@example.com')}/"
+    page = client.get(url)
+    assert page.status_code == 200 and page.headers.get("Location") is None
+    assert '<form method="post">' in _page_text(page)
+    assert _status(store, "ada@example.com") == "active"
+    response = client.post(url, data={"List-Unsubscribe": "One-Click"})
+    assert response.status_code == 200 and "You are unsubscribed" in _page_text(response)
+    assert _status(store, "ada@example.com") == "unsubscribed"
+
+
+@sqlite_only
+@pytest.mark.parametrize(
+    ("route", "method", "allow"),
+    [
+        ("confirm", "POST", "GET, HEAD, OPTIONS"),
+        ("confirm", "PUT", "GET, HEAD, OPTIONS"),
+        ("confirm", "PATCH", "GET, HEAD, OPTIONS"),
+        ("confirm", "DELETE", "GET, HEAD, OPTIONS"),
+        ("unsubscribe", "PUT", "GET, HEAD, POST, OPTIONS"),
+        ("unsubscribe", "PATCH", "GET, HEAD, POST, OPTIONS"),
+        ("unsubscribe", "DELETE", "GET, HEAD, POST, OPTIONS"),
+    ],
+)
+def test_good_token_with_an_unused_method_is_a_friendly_405(
+    client: FlaskClient, store: Store, route: str, method: str, allow: str
+) -> None:
+    """A genuine link with a method its page has no use for is our 405 page naming the
+    allowed methods, and it confirms or unsubscribes nobody."""
+    _add(store, "ada@example.com", "pending")
+    _add(store, "bob@example.com")
+    token = (
+        TOKENS.confirm_token("ada@example.com")
+        if route == "confirm"
+        else TOKENS.unsubscribe_token("bob@example.com")
+    )
+    response = client.open(f"/{route}/{token}", method=method)
+    assert response.status_code == 405 and response.headers["Allow"] == allow
+    assert "<h1>" in _page_text(response) and "Traceback" not in _page_text(response)
+    assert _status(store, "ada@example.com") == "pending"
+    assert _status(store, "bob@example.com") == "active"
+
+
+@sqlite_only
+def test_options_on_a_good_link_names_the_methods(client: FlaskClient, store: Store) -> None:
+    """OPTIONS on a genuine link answers 204 with Allow and changes nothing."""
+    _add(store, "ada@example.com", "pending")
+    confirm = client.options(f"/confirm/{TOKENS.confirm_token('ada@example.com')}")
+    assert (confirm.status_code, confirm.headers["Allow"]) == (204, "GET, HEAD, OPTIONS")
+    unsubscribe = client.options(f"/unsubscribe/{TOKENS.unsubscribe_token('ada@example.com')}")
+    assert unsubscribe.status_code == 204
+    assert unsubscribe.headers["Allow"] == "GET, HEAD, POST, OPTIONS"
+    assert _status(store, "ada@example.com") == "pending"
+
+
 @sqlite_only
 def test_confirm_link_of_a_purged_address_is_a_400(client: FlaskClient, store: Store) -> None:
     """A genuine link whose address was erased meanwhile is a friendly 400, not a crash."""

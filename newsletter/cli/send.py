@@ -24,6 +24,7 @@ from rich.text import Text
 from newsletter.cli import settings
 from newsletter.cli.render import DIGEST
 from newsletter.config import Settings
+from newsletter.digest import MUST_FIX
 from newsletter.errors import InputError
 from newsletter.sender import (
     Sender,
@@ -153,6 +154,12 @@ def send(
             return
         plan = plan_send(store, config, digest, force=force or bool(to))
         if to:
+            for finding in plan.rendered.findings:
+                if finding.severity == MUST_FIX:
+                    click.echo(f"warning: {digest}:{finding.line}: {finding.message}", err=True)
+            if dry_run:
+                click.echo(f"dry run: would send test copies to {', '.join(to)}; nothing sent")
+                return
             _test_copies(store, config, plan, to)
             return
         verb = f"resume issue {plan.resume.id}:" if plan.resume else "send"
