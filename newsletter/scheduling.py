@@ -30,7 +30,7 @@ from tzlocal import get_localzone
 
 from newsletter.config import Settings, load_settings
 from newsletter.digest import load_digest
-from newsletter.errors import DigestError, InputError, NewsletterError
+from newsletter.errors import DeliveryError, DigestError, InputError, NewsletterError
 from newsletter.ledger import find_issue
 from newsletter.sender import Sender, check_transport, content_hash, plan_send, start_send
 from newsletter.store import Issue, Schedule, Store, open_store, utcnow
@@ -41,6 +41,8 @@ JOB_FUNCTION = "newsletter.scheduling:run_schedule"
 CLAIM_GAP = timedelta(seconds=30)  # two schedulers firing one run are seconds apart, not minutes
 _CRON_DAYS = ("sun", "mon", "tue", "wed", "thu", "fri", "sat")
 _STOP = threading.Event()  # set when the scheduler process is asked to stop
+_RUNNING: dict[str, BackgroundScheduler] = {}  # the scheduler of this process, while it runs
+RETRY_DELAY = 60.0  # seconds before an interrupted or refused scheduled send is tried again
 
 
 @dataclass(frozen=True)
@@ -276,16 +278,32 @@ def _claim(store: Store, settings: Settings, schedule_id: int) -> Schedule | Non
         return schedule
 
 
+def _published(digest, path: Path) -> datetime:
+    """When a post is dated: its front-matter date, a date in its file name, or its mtime."""
+    for text in (str(digest.meta.get("date", "")), path.name[:10]):
+        try:
+            when = datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
+        except ValueError:
+            continue
+        return when if when.tzinfo else when.replace(tzinfo=get_localzone())
+    return datetime.fromtimestamp(path.stat().st_mtime).astimezone()
+
+
 def newest_unsent(store: Store, directory: Path) -> Path | None:
-    """The newest digest in ``directory`` (by front-matter date, then name) never sent."""
+    """The newest published digest in ``directory`` never sent: drafts (``draft: true``)
+    and posts dated in the future wait, as they do on the blog itself."""
     candidates = []
+    now = utcnow()
     for path in directory.glob("*.md"):
         try:
             digest = load_digest(path)
         except DigestError as exc:
             log.warning("skipping %s", exc)
             continue
-        candidates.append((str(digest.meta.get("date", "")), path.name, path, digest))
+        when = _published(digest, path)
+        if str(digest.meta.get("draft", "")).lower() in {"true", "yes", "1"} or when > now:
+            continue
+        candidates.append((when, path.name, path, digest))
     with store.session() as session:
         for _, _, path, digest in sorted(candidates, reverse=True):
             issue = find_issue(session, path.name, content_hash(digest))
@@ -332,18 +350,21 @@ def _run(store: Store, settings: Settings, schedule: Schedule) -> None:
         plan = plan_send(store, settings, path)
         sender = Sender(store, settings, stop=_STOP)
         check_transport(sender.factory)
+    except DeliveryError as exc:  # the server is down or refuses us: try again later
+        log.error("schedule %s: %s; retrying in %ss", schedule.id, exc, int(RETRY_DELAY))
+        _finish(store, schedule.id, last_result=f"will retry: {exc}")
+        _retry_later(schedule.id)
+        return
+    except NewsletterError as exc:
+        _failed(store, schedule, exc)
+        return
+    try:
         issue_id = start_send(store, plan)
         _finish(store, schedule.id, last_issue_id=issue_id)
         log.info("schedule %s: sending %s as issue %s", schedule.id, path.name, issue_id)
         report = sender.run(issue_id)
     except NewsletterError as exc:
-        log.error("schedule %s: %s", schedule.id, exc)
-        _finish(
-            store,
-            schedule.id,
-            status="failed" if once else "scheduled",
-            last_result=f"error: {exc}",
-        )
+        _failed(store, schedule, exc)
         return
     result = (
         f"issue {issue_id}: sent {report.sent}, failed {report.failed + report.bounced}, "
@@ -353,7 +374,31 @@ def _run(store: Store, settings: Settings, schedule: Schedule) -> None:
     if report.finished:
         _finish(store, schedule.id, status=_after_run(schedule), last_result=result)
     else:
-        _finish(store, schedule.id, last_result=f"{result}; resumed on the next start")
+        _finish(store, schedule.id, last_result=f"{result}; to be resumed")
+        _retry_later(schedule.id)
+
+
+def _failed(store: Store, schedule: Schedule, exc: NewsletterError) -> None:
+    """A run that cannot succeed as things are (bad digest, already sent): say why."""
+    log.error("schedule %s: %s", schedule.id, exc)
+    status = "failed" if schedule.kind == "once" else "scheduled"
+    _finish(store, schedule.id, status=status, last_result=f"error: {exc}")
+
+
+def _retry_later(schedule_id: int) -> None:
+    """Resume this schedule's send after ``RETRY_DELAY``, unless the scheduler is stopping
+    (then the next start resumes it)."""
+    scheduler = _RUNNING.get("scheduler")
+    if scheduler is None or _STOP.is_set():
+        return
+    scheduler.add_job(
+        resume_interrupted,
+        DateTrigger(run_date=utcnow() + timedelta(seconds=RETRY_DELAY)),
+        args=[schedule_id],
+        id=f"resume-{schedule_id}",
+        replace_existing=True,
+        jobstore="memory",
+    )
 
 
 def resume_interrupted(schedule_id: int) -> None:
@@ -370,14 +415,23 @@ def resume_interrupted(schedule_id: int) -> None:
             _finish(store, schedule_id, status=_after_run(schedule))
             return
         log.info("schedule %s: resuming issue %s", schedule_id, issue.id)
-        report = Sender(store, settings, stop=_STOP).run(issue.id)
+        sender = Sender(store, settings, stop=_STOP)
+        try:
+            check_transport(sender.factory)
+            report = sender.run(issue.id)
+        except DeliveryError as exc:
+            log.error("schedule %s: %s; retrying in %ss", schedule_id, exc, int(RETRY_DELAY))
+            _retry_later(schedule_id)
+            return
         if report.finished:
             _finish(
                 store,
                 schedule_id,
                 status=_after_run(schedule),
-                last_result=f"issue {issue.id}: finished after a restart",
+                last_result=f"issue {issue.id}: finished after being resumed",
             )
+        else:
+            _retry_later(schedule_id)
 
 
 def _on_missed(store: Store, settings: Settings, event: JobExecutionEvent) -> None:
@@ -411,6 +465,7 @@ def run_scheduler(settings: Settings, stop: threading.Event, poll: float = 1.0) 
         with store.session() as session:
             running = session.scalars(select(Schedule.id).where(Schedule.status == "running"))
             interrupted = list(running)
+        _RUNNING["scheduler"] = scheduler
         scheduler.start(paused=True)
         jobs = scheduler.get_jobs(jobstore="default")
         for job in jobs:  # the grace in force is this process's, not the one at `schedule add`
@@ -431,4 +486,5 @@ def run_scheduler(settings: Settings, stop: threading.Event, poll: float = 1.0) 
         finally:
             _STOP.set()
             scheduler.shutdown(wait=True)
+            _RUNNING.clear()
             log.info("scheduler stopped")

@@ -217,3 +217,69 @@ def test_at_without_offset_uses_configured_zone() -> None:
     assert when.utcoffset() == timedelta(hours=9)
     with pytest.raises(InputError):
         parse_when("2000-01-01T09:00+00:00", settings)
+
+
+def test_cron_folder_skips_drafts_and_future_posts(tmp_path: Path) -> None:
+    """Drafts and posts dated in the future wait; dates are compared as dates."""
+    from newsletter.scheduling import newest_unsent
+
+    folder = tmp_path / "posts"
+    folder.mkdir()
+    posts = {
+        "a.md": "---\ntitle: Sent\ndate: 2024-05-01\n---\nx\n",
+        "b.md": "---\ntitle: Newest published\ndate: 2024-05-02T08:00:00+02:00\n---\nx\n",
+        "c.md": "---\ntitle: Draft\ndate: 2024-05-08\ndraft: true\n---\nx\n",
+        "d.md": "---\ntitle: Future\ndate: 2999-01-01\n---\nx\n",
+        "2024-04-30-e.md": "---\ntitle: Dated by its name\n---\nx\n",
+    }
+    for name, text in posts.items():
+        (folder / name).write_text(text, "utf-8")
+    with open_store(f"sqlite:///{tmp_path / 'db.sqlite'}") as store:
+        assert newest_unsent(store, folder) == folder / "b.md"
+
+
+def test_refused_scheduled_send_is_retried_while_running(
+    tmp_path: Path, make_smtp_sink, monkeypatch: pytest.MonkeyPatch, clean_env: Path
+) -> None:
+    """A scheduled send the server refuses (wrong password) is retried, not failed for good."""
+    import threading
+
+    import newsletter.scheduling as scheduling
+    from newsletter.scheduling import add_once, run_scheduler
+    from newsletter.subscribers import add
+
+    sink = make_smtp_sink(credentials=("news", "right"))
+    url = f"sqlite:///{tmp_path / 'db.sqlite'}"
+    for name, value in newsletter_env(url, **sink.env()).items():
+        if name.startswith("NEWSLETTER_"):
+            monkeypatch.setenv(name, value)
+    monkeypatch.setenv("NEWSLETTER_SMTP_PASSWORD", "wrong")
+    monkeypatch.setattr(scheduling, "RETRY_DELAY", 0.5)
+    shutil.copy(FIXTURES / "mojibake-digest.md", clean_env / "digest.md")
+    shutil.copy(FIXTURES / "chart.png", clean_env / "chart.png")
+    settings = load_settings()
+    with open_store(url) as store:
+        with store.begin() as session:
+            add(session, "ada@example.com")
+        add_once(
+            store,
+            settings,
+            clean_env / "digest.md",
+            datetime.now().astimezone() + timedelta(seconds=1),
+        )
+    stop = threading.Event()
+    thread = threading.Thread(target=run_scheduler, args=(settings, stop, 0.1))
+    thread.start()
+    try:
+        wait_until(lambda: _last_result(url).startswith("will retry"), 10, "a refused run")
+        monkeypatch.setenv("NEWSLETTER_SMTP_PASSWORD", "right")
+        sink.wait_for(1, timeout=10)
+    finally:
+        stop.set()
+        thread.join(10)
+    assert [m.recipients for m in sink.messages] == [("ada@example.com",)]
+
+
+def _last_result(url: str) -> str:
+    with open_store(url) as store, store.session() as session:
+        return session.scalars(select(Schedule.last_result)).first() or ""
