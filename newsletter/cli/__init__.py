@@ -38,8 +38,7 @@ def settings(ctx: click.Context | None = None) -> Settings:
 def main() -> None:
     """Render Markdown digests into email and deliver them to your subscribers.
 
-    Settings: NEWSLETTER_* environment variables, or a .env file in the
-    working directory (every variable is described in .env.example).
+    Settings come from NEWSLETTER_* variables or .env (see .env.example).
     """
 
 
