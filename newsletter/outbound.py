@@ -260,13 +260,19 @@ def _record(
     outcome: Outcome,
     options: OutboundOptions,
     report: OutboundReport,
+    accepted: list[dict] | None = None,
 ) -> None:
+    """Record one answer; accepted messages are only collected in ``accepted`` when given,
+    to be written together by :func:`_record_accepted` (one transaction per batch)."""
     answer = outcome.answer[:500]
     now = utcnow()
     values = {"row_id": row_id, "answer": answer, "sent": None, "due": None}
     if outcome.status == "sent":
         values |= {"new_status": "sent", "sent": now}
         report.sent += 1
+        if accepted is not None:
+            accepted.append(values)
+            return
     elif outcome.status == "retry" and attempts < options.max_attempts:
         delay = min(options.retry_base * 2 ** (attempts - 1), options.retry_max)
         values |= {"new_status": "queued", "due": now + timedelta(seconds=delay)}
@@ -282,6 +288,14 @@ def _record(
         session.execute(_MARK, values)
         if outcome.status == "bounced":
             _bounce_pending(session, recipient)
+
+
+def _record_accepted(store: Store, accepted: list[dict]) -> None:
+    """Mark a batch of accepted confirmations sent in one short write transaction."""
+    if accepted:
+        with write_transaction(store) as session:
+            session.execute(_MARK, accepted)
+        accepted.clear()
 
 
 def _release(store: Store, row_ids: list[int], delay: float) -> None:
@@ -318,20 +332,24 @@ def deliver_outbound(
     claimed = _claim(store, limit, options.lease, ids)
     report.claimed = len(claimed)
     envelope_from = envelope_address(settings.from_address)
-    for index, (row_id, recipient, body, attempts) in enumerate(claimed):
-        if stop is not None and stop.is_set():
-            rest = [row[0] for row in claimed[index:]]
-            _release(store, rest, 0)
-            report.released += len(rest)
-            break
-        outcome = transport.send(envelope_from, recipient, body)
-        _record(store, row_id, recipient, attempts, outcome, options, report)
-        if outcome.status == "retry" and outcome.code is None:
-            report.unreachable = outcome.answer
-            rest = [row[0] for row in claimed[index + 1 :]]
-            _release(store, rest, options.retry_base)
-            report.released += len(rest)
-            break
+    accepted: list[dict] = []
+    try:
+        for index, (row_id, recipient, body, attempts) in enumerate(claimed):
+            if stop is not None and stop.is_set():
+                rest = [row[0] for row in claimed[index:]]
+                _release(store, rest, 0)
+                report.released += len(rest)
+                break
+            outcome = transport.send(envelope_from, recipient, body)
+            _record(store, row_id, recipient, attempts, outcome, options, report, accepted)
+            if outcome.status == "retry" and outcome.code is None:
+                report.unreachable = outcome.answer
+                rest = [row[0] for row in claimed[index + 1 :]]
+                _release(store, rest, options.retry_base)
+                report.released += len(rest)
+                break
+    finally:
+        _record_accepted(store, accepted)
     return report
 
 
