@@ -45,13 +45,16 @@ def address_header(name: str | None, address: str) -> str:
         return address
     if name.isascii():
         return formataddr((name, address))
-    return f"{_encode_header('To', name)} <{address}>"
+    return f"{encode_header('To', name)} <{address}>"
 
 
-def _encode_header(name: str, value: str) -> str:
+def encode_header(name: str, value: str) -> str:
     """A header value folded, and RFC 2047-encoded only when it is not ASCII."""
+    value = clean_header_value(value)
+    if value.isascii() and len(name) + len(value) < 76:
+        return value  # nothing to fold or encode: skip the email package's work
     charset = "us-ascii" if value.isascii() else "utf-8"
-    return Header(clean_header_value(value), charset, header_name=name).encode(linesep=CRLF)
+    return Header(value, charset, header_name=name).encode(linesep=CRLF)
 
 
 def _ascii_filename(name: str) -> str:
@@ -129,7 +132,7 @@ class MessageTemplate:
         headers = [
             f"From: {address_header(*parseaddr(from_address))}",
             f"To: {placeholder('to_header')}",
-            f"Subject: {_encode_header('Subject', issue.subject)}",
+            f"Subject: {encode_header('Subject', issue.subject)}",
             f"Date: {placeholder('date')}",
             f"Message-ID: <{placeholder('message_id')}>",
         ]

@@ -27,7 +27,6 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import timedelta
-from email.header import Header
 from email.utils import formatdate, parseaddr
 from pathlib import Path
 
@@ -39,6 +38,7 @@ from newsletter.config import Settings
 from newsletter.message import (
     address_header,
     clean_header_value,
+    encode_header,
     envelope_address,
     new_message_id,
 )
@@ -96,15 +96,6 @@ class OutboundReport:
         self.unreachable = other.unreachable or self.unreachable
 
 
-def _header(name: str, value: str) -> str:
-    """``Name: value``, folded and RFC 2047-encoded only when it has to be."""
-    value = clean_header_value(value)
-    if value.isascii() and len(name) + len(value) < 76:
-        return f"{name}: {value}"
-    charset = "us-ascii" if value.isascii() else "utf-8"
-    return f"{name}: {Header(value, charset, header_name=name).encode(linesep=CRLF)}"
-
-
 def _qp(text: str) -> bytes:
     """Quoted-printable body with CRLF line ends, at C speed: a confirmation is built
     inside a web request."""
@@ -136,7 +127,7 @@ def build_message(settings: Settings, recipient: str, subject: str, text: str, h
     headers = [
         f"From: {_mailbox(settings.from_address)}",
         f"To: {clean_header_value(recipient)}",
-        _header("Subject", subject),
+        f"Subject: {encode_header('Subject', subject)}",
         f"Date: {formatdate(usegmt=True)}",
         f"Message-ID: <{new_message_id(sender.rpartition('@')[2] or 'localhost')}>",
     ]
