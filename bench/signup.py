@@ -1,6 +1,6 @@
 """Signup load test: concurrent clients posting the form to `newsletter serve` on loopback.
 
-Starts `newsletter serve` (waitress, its outbound worker sending confirmations) on a fresh
+Starts `newsletter serve` (gunicorn, its outbound worker sending confirmations) on a fresh
 SQLite file and an SMTP sink (Postfix's smtp-sink when installed, else the test suite's
 aiosmtpd sink), then runs CLIENTS concurrent clients for SECONDS, each posting the form
 with a new address over its own keep-alive connection as soon as its last answer came.
@@ -12,7 +12,7 @@ Then it checks what a user relies on: no error answers, every accepted signup st
 pending, and exactly one confirmation email per address at the SMTP server. It prints
 the figures; the last line is one JSON object.
 
-    python bench/signup.py [--quick] [--clients 50] [--seconds 20] [--threads 8]
+    python bench/signup.py [--quick] [--clients 50] [--seconds 20] [--workers 1] [--threads 8]
                            [--database-url postgresql+psycopg://…]
 """
 
@@ -90,7 +90,7 @@ class Sink:
         self.process.wait(timeout=10)
 
 
-def start_server(directory: Path, env: dict[str, str], threads: int) -> tuple:
+def start_server(directory: Path, env: dict[str, str], workers: int, threads: int) -> tuple:
     port = free_port()
     env = env | {"NEWSLETTER_SITE_URL": f"http://127.0.0.1:{port}"}
     log = (directory / "serve.log").open("wb")
@@ -102,6 +102,8 @@ def start_server(directory: Path, env: dict[str, str], threads: int) -> tuple:
             "serve",
             "--port",
             str(port),
+            "--workers",
+            f"{workers}",
             "--threads",
             f"{threads}",
         ],
@@ -211,7 +213,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="a 4-second run")
     parser.add_argument("--clients", type=int, default=50)
     parser.add_argument("--seconds", type=float, default=20.0)
-    parser.add_argument("--threads", type=int, default=None, help="waitress threads")
+    parser.add_argument("--workers", type=int, default=1, help="gunicorn worker processes")
+    parser.add_argument("--threads", type=int, default=None, help="threads per worker")
     parser.add_argument(
         "--database-url", help="e.g. a PostgreSQL database (default: a fresh SQLite file)"
     )
@@ -233,7 +236,7 @@ def main() -> None:
             "NEWSLETTER_FROM": "Bench <bench@example.com>",
         }
         threads = args.threads or 8
-        process, port, log = start_server(directory, env, threads)
+        process, port, log = start_server(directory, env, args.workers, threads)
         try:
             run = f"{int(time.time())}"
             asyncio.run(load(port, 4, 0.5, f"{run}-warm"))  # first requests compile templates
@@ -259,7 +262,8 @@ def main() -> None:
     figures = {
         "clients": args.clients,
         "seconds": round(elapsed, 1),
-        "waitress_threads": threads,
+        "workers": args.workers,
+        "threads": threads,
         "requests": len(results),
         "accepted": len(accepted_set),
         "errors": errors,
@@ -288,8 +292,8 @@ def main() -> None:
     )
     figures["p99_within_target"] = figures["p99_ms"] <= TARGET_P99_MS
     print(
-        f"{figures['clients']} clients for {figures['seconds']} s against waitress "
-        f"({threads} threads), {figures['database']}, {figures['sink']}"
+        f"{figures['clients']} clients for {figures['seconds']} s against gunicorn "
+        f"({args.workers} × {threads} threads), {figures['database']}, {figures['sink']}"
     )
     print(
         f"{figures['requests']} signups, {figures['rps']} req/s, {errors} errors; latency p50 "

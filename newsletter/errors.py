@@ -4,7 +4,8 @@
     ├── ConfigError            a bad NEWSLETTER_* value (exit 2)
     ├── DigestError            a digest that cannot be rendered (exit 2)
     ├── InputError             other bad input: CSV rows, addresses, names, times (exit 2)
-    └── DeliveryError          the send could not finish: SMTP unreachable, login refused (exit 1)
+    ├── DeliveryError          the send could not finish: SMTP unreachable, login refused (exit 1)
+    └── ServiceError           a server process stopped on its own (exit 1)
 
 Each carries ``exit_code`` so the CLI maps it without knowing the subclasses.
 """
@@ -30,5 +31,11 @@ class InputError(NewsletterError):
 
 class DeliveryError(NewsletterError):
     """Mail could not be delivered as a whole (unreachable server, refused login)."""
+
+    exit_code = 1
+
+
+class ServiceError(NewsletterError):
+    """A long-running process of ``newsletter serve`` stopped without being asked to."""
 
     exit_code = 1

@@ -17,13 +17,14 @@ import secrets
 import time
 import uuid
 from base64 import encodebytes
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from email.header import Header
 from email.utils import formataddr, formatdate, parseaddr
 from html import escape
 from urllib.parse import urlsplit
 
-from newsletter.render import RenderedIssue, placeholder
+from newsletter.render import InlineImage, RenderedIssue, placeholder
 
 _PLACEHOLDER = re.compile(rb"@@NL_([A-Z_]+)@@")
 _QP_SAFE = re.compile(r"[!-<>-~]*")  # printable ASCII except '=' and space
@@ -113,6 +114,70 @@ class Recipient:
     message_id: str
 
 
+class WireTemplate:
+    """A text+HTML message (HTML with its inline images) encoded once as SMTP wire bytes,
+    placeholders left in place; :meth:`fill` makes one copy. ``headers`` are finished
+    header lines (ASCII, RFC 2047 where needed), placeholders allowed."""
+
+    def __init__(
+        self, headers: list[str], text: str, html: str, images: Sequence[InlineImage] = ()
+    ) -> None:
+        boundary = f"=_nl_{secrets.token_hex(12)}"
+        html_part = self._part("text/html", html)
+        if images:
+            html_part = self._related(html_part, images, f"{boundary}_r")
+        body = self._multipart("alternative", boundary, [self._part("text/plain", text), html_part])
+        wire = _dot_stuff(CRLF.join(headers) + CRLF + body)
+        self._pieces = _PLACEHOLDER.split(wire.encode("ascii"))
+        self._fields = [piece.decode().lower() for piece in self._pieces[1::2]]
+
+    @staticmethod
+    def _part(content_type: str, text: str) -> str:
+        return (
+            f'Content-Type: {content_type}; charset="utf-8"{CRLF}'
+            f"Content-Transfer-Encoding: quoted-printable{CRLF}{CRLF}{_qp_template(text)}"
+        )
+
+    @staticmethod
+    def _multipart(kind: str, boundary: str, parts: list[str]) -> str:
+        head = f'Content-Type: multipart/{kind}; boundary="{boundary}"{CRLF}{CRLF}'
+        inner = "".join(f"--{boundary}{CRLF}{part}{CRLF}" for part in parts)
+        return f"{head}{inner}--{boundary}--{CRLF}"
+
+    def _related(self, html_part: str, images: Sequence[InlineImage], boundary: str) -> str:
+        parts = [html_part]
+        for image in images:
+            data = encodebytes(image.data).decode("ascii").replace("\n", CRLF)
+            parts.append(
+                f"Content-Type: {image.content_type}{CRLF}"
+                f"Content-ID: <{image.cid}>{CRLF}"
+                f'Content-Disposition: inline; filename="{_ascii_filename(image.filename)}"{CRLF}'
+                f"Content-Transfer-Encoding: base64{CRLF}{CRLF}{data}"
+            )
+        return self._multipart("related", boundary, parts)
+
+    def fill(self, values: Mapping[str, str]) -> bytes:
+        """One copy as SMTP wire bytes (CRLF, dot-stuffed, no final '.'). Header values go
+        in as given (clean them first); body values through :func:`qp_value`."""
+        pieces = self._pieces.copy()
+        for index, field in enumerate(self._fields):
+            pieces[2 * index + 1] = values.get(field, "").encode("utf-8")
+        return b"".join(pieces)
+
+
+class HeaderClock:
+    """The Date header value, formatted at most once per second."""
+
+    def __init__(self) -> None:
+        self._date = (0, "")
+
+    def now(self) -> str:
+        second = int(time.time())
+        if self._date[0] != second:
+            self._date = (second, formatdate(second, localtime=False, usegmt=True))
+        return self._date[1]
+
+
 class MessageTemplate:
     """An issue's message encoded once; :meth:`build` makes one recipient's wire bytes."""
 
@@ -144,48 +209,9 @@ class MessageTemplate:
             "List-Unsubscribe-Post: List-Unsubscribe=One-Click",
             "MIME-Version: 1.0",
         ]
-        boundary = f"=_nl_{secrets.token_hex(12)}"
-        text_part = self._part("text/plain", _TEXT_FIELDS.sub(r"@@NL_TEXT_\1@@", issue.text))
-        html_part = self._part("text/html", issue.html)
-        if issue.images:
-            html_part = self._related(html_part, issue, f"{boundary}_r")
-        body = self._multipart("alternative", boundary, [text_part, html_part])
-        wire = _dot_stuff(CRLF.join(headers) + CRLF + body)
-        self._pieces = _PLACEHOLDER.split(wire.encode("ascii"))
-        self._fields = [piece.decode().lower() for piece in self._pieces[1::2]]
-        self._date = (0, "")
-
-    @staticmethod
-    def _part(content_type: str, text: str) -> str:
-        return (
-            f'Content-Type: {content_type}; charset="utf-8"{CRLF}'
-            f"Content-Transfer-Encoding: quoted-printable{CRLF}{CRLF}{_qp_template(text)}"
-        )
-
-    @staticmethod
-    def _multipart(kind: str, boundary: str, parts: list[str]) -> str:
-        head = f'Content-Type: multipart/{kind}; boundary="{boundary}"{CRLF}{CRLF}'
-        inner = "".join(f"--{boundary}{CRLF}{part}{CRLF}" for part in parts)
-        return f"{head}{inner}--{boundary}--{CRLF}"
-
-    def _related(self, html_part: str, issue: RenderedIssue, boundary: str) -> str:
-        parts = [html_part]
-        for image in issue.images:
-            data = encodebytes(image.data).decode("ascii").replace("\n", CRLF)
-            parts.append(
-                f"Content-Type: {image.content_type}{CRLF}"
-                f"Content-ID: <{image.cid}>{CRLF}"
-                f'Content-Disposition: inline; filename="{_ascii_filename(image.filename)}"{CRLF}'
-                f"Content-Transfer-Encoding: base64{CRLF}{CRLF}{data}"
-            )
-        return self._multipart("related", boundary, parts)
-
-    def _now(self) -> str:
-        """The Date header, formatted at most once per second."""
-        second = int(time.time())
-        if self._date[0] != second:
-            self._date = (second, formatdate(second, localtime=False, usegmt=True))
-        return self._date[1]
+        text = _TEXT_FIELDS.sub(r"@@NL_TEXT_\1@@", issue.text)
+        self._wire = WireTemplate(headers, text, issue.html, issue.images)
+        self._clock = HeaderClock()
 
     def build(self, recipient: Recipient) -> bytes:
         """One recipient's message as SMTP wire bytes (CRLF, dot-stuffed, no final '.')."""
@@ -193,7 +219,7 @@ class MessageTemplate:
         url = clean_header_value(recipient.unsubscribe_url)
         values = {
             "to_header": address_header(name, recipient.email),
-            "date": self._now(),
+            "date": self._clock.now(),
             "message_id": clean_header_value(recipient.message_id),
             "header_unsubscribe_url": url,
             "unsubscribe_url": qp_value(escape(url)),
@@ -203,7 +229,4 @@ class MessageTemplate:
             "text_name": qp_value(name),
             "text_email": qp_value(recipient.email),
         }
-        pieces = self._pieces.copy()
-        for index, field in enumerate(self._fields):
-            pieces[2 * index + 1] = values.get(field, "").encode("utf-8")
-        return b"".join(pieces)
+        return self._wire.fill(values)

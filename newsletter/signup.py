@@ -17,6 +17,7 @@ A signup form on the open web is a tool for bots to make the list mail strangers
 
 Each function is one short write transaction (:func:`newsletter.writes.write_transaction`);
 the confirmation is built before it and queued inside it, with the subscriber change.
+Concurrent signups share their transaction (a group commit, :func:`newsletter.writes.grouped`).
 """
 
 from __future__ import annotations
@@ -24,6 +25,9 @@ from __future__ import annotations
 import ipaddress
 import math
 import re
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Literal
 
@@ -36,7 +40,7 @@ from newsletter.config import Settings
 from newsletter.errors import InputError
 from newsletter.store import SignupAttempt, Store, Subscriber, get_or_create_secret_key, utcnow
 from newsletter.tokens import Tokens
-from newsletter.writes import write_transaction
+from newsletter.writes import grouped, write_transaction
 
 PER_ADDRESS_LIMIT = 3
 PER_ADDRESS_WINDOW = timedelta(hours=24)
@@ -97,37 +101,40 @@ def _validated(email: str, name: str | None) -> tuple[str, str | None]:
         raise InvalidSignup("name", f"The name {problem}.") from None
 
 
-# Built once: a signup runs them under the write lock, where every microsecond is queued for.
+@dataclass(frozen=True)
+class _Signup:
+    """A validated form submission with its confirmation mail, built before any lock."""
+
+    address: str
+    name: str | None
+    ip_key: str
+    mail: outbound.PreparedMail
+
+
+# Built once: each batch of signups runs them under the write lock.
 _ATTEMPTS = SignupAttempt.__table__
-_FROM_IP = and_(
-    _ATTEMPTS.c.key == bindparam("ip"), _ATTEMPTS.c.attempted_at > bindparam("ip_since")
+_RECENT = (
+    select(_ATTEMPTS.c.key, func.count())
+    .where(
+        or_(
+            and_(
+                _ATTEMPTS.c.key.in_(bindparam("ips", expanding=True)),
+                _ATTEMPTS.c.attempted_at > bindparam("ip_since"),
+            ),
+            and_(
+                _ATTEMPTS.c.key.in_(bindparam("addresses", expanding=True)),
+                _ATTEMPTS.c.attempted_at > bindparam("address_since"),
+            ),
+        )
+    )
+    .group_by(_ATTEMPTS.c.key)
 )
-_TO_ADDRESS = and_(
-    _ATTEMPTS.c.key == bindparam("address"), _ATTEMPTS.c.attempted_at > bindparam("address_since")
-)
-_RECENT = select(func.count().filter(_FROM_IP), func.count().filter(_TO_ADDRESS)).where(
-    or_(_FROM_IP, _TO_ADDRESS)
-)
-_RECORD_ATTEMPT = insert(_ATTEMPTS)
+_RECORD_ATTEMPTS = insert(_ATTEMPTS)
 _SUBSCRIBERS = Subscriber.__table__
-_FIND = select(_SUBSCRIBERS.c.id, _SUBSCRIBERS.c.status).where(
-    _SUBSCRIBERS.c.email == bindparam("email")
+_FIND = select(_SUBSCRIBERS.c.email, _SUBSCRIBERS.c.status).where(
+    _SUBSCRIBERS.c.email.in_(bindparam("emails", expanding=True))
 )
 _ADD = insert(_SUBSCRIBERS)
-
-
-def _recent(session: Session, ip_key: str, address: str, now: datetime) -> tuple[int, int]:
-    """Signups from ``ip_key`` in the IP window, and confirmations to ``address`` in its own."""
-    counts = session.execute(
-        _RECENT,
-        {
-            "ip": ip_key,
-            "ip_since": now - PER_IP_WINDOW,
-            "address": address,
-            "address_since": now - PER_ADDRESS_WINDOW,
-        },
-    ).one()
-    return counts[0] or 0, counts[1] or 0
 
 
 def _retry_after(session: Session, key: str, now: datetime) -> int:
@@ -144,30 +151,91 @@ def _retry_after(session: Session, key: str, now: datetime) -> int:
     return max(1, math.ceil((oldest_counted + PER_IP_WINDOW - now).total_seconds()))
 
 
-def _apply(session: Session, address: str, name: str | None, now: datetime) -> Outcome | None:
-    """Change the subscriber for a signup; None when a confirmation is due.
+def _write_signups(session: Session, batch: Sequence[_Signup]) -> list[Outcome | TooManySignups]:
+    """Apply a batch of signups in order, as if one after the other, in a few statements.
 
-    Plain SQL statements under the write lock, following :mod:`newsletter.subscribers`'
-    rules (:func:`~newsletter.subscribers.next_status`, ``status_changes``).
+    Two reads (the attempts that count, the subscribers who exist) and one insert per
+    table, whatever the batch size; counts and statuses are carried forward in Python so
+    the third signup of an address in one batch sees the first two. The rules are
+    :mod:`newsletter.subscribers`' (:func:`~newsletter.subscribers.next_status`,
+    ``status_changes``).
     """
-    existing = session.execute(_FIND, {"email": address}).first()
-    if existing is None:
-        row = {"email": address, "name": name, "source": "form", "created_at": now}
-        row |= {"confirmed_at": None} | subscribers.status_changes(None, "pending", now)
-        session.execute(_ADD, row)
-        return None
-    if existing.status in ("pending", "unsubscribed"):  # unsubscribed: they came back, asked
-        new = subscribers.next_status(existing.status, "pending", resubscribe=True)
-        values = subscribers.status_changes(existing.status, new, now)
-        if name:
-            values["name"] = name
-        if values:
+    now = utcnow()
+    counts: Counter[str] = Counter(
+        dict(
             session.execute(
-                update(_SUBSCRIBERS).where(_SUBSCRIBERS.c.id == existing.id).values(**values)
-            )
+                _RECENT,
+                {
+                    "ips": sorted({each.ip_key for each in batch}),
+                    "ip_since": now - PER_IP_WINDOW,
+                    "addresses": sorted({each.address for each in batch}),
+                    "address_since": now - PER_ADDRESS_WINDOW,
+                },
+            ).all()
+        )
+    )
+    statuses: dict[str, str] = dict(
+        session.execute(_FIND, {"emails": sorted({each.address for each in batch})}).all()
+    )
+    added: dict[str, dict] = {}
+    renamed: dict[str, dict] = {}
+    attempts: list[dict] = []
+    mails: list[outbound.PreparedMail] = []
+    results: list[Outcome | TooManySignups] = []
+    limited_ips: set[str] = set()
+    for each in batch:
+        if counts[each.ip_key] >= PER_IP_LIMIT:
+            limited_ips.add(each.ip_key)
+            results.append(TooManySignups(60))  # its wait is read once the batch is written
+            continue
+        counts[each.ip_key] += 1
+        attempts.append({"key": each.ip_key, "attempted_at": now})
+        outcome = _apply(each, statuses.get(each.address), now, added, renamed)
+        statuses.setdefault(each.address, "pending")
+        if outcome is None and counts[each.address] >= PER_ADDRESS_LIMIT:
+            outcome = "limited"
+        if outcome is None:
+            counts[each.address] += 1
+            attempts.append({"key": each.address, "attempted_at": now})
+            mails.append(each.mail)
+        results.append(outcome or "queued")
+    if added:
+        session.execute(_ADD, list(added.values()))
+    for address, values in renamed.items():
+        session.execute(update(_SUBSCRIBERS).where(_SUBSCRIBERS.c.email == address).values(values))
+    if attempts:
+        session.execute(_RECORD_ATTEMPTS, attempts)
+    outbound.queue(session, mails)
+    waits = {key: _retry_after(session, key, now) for key in limited_ips}
+    return [
+        TooManySignups(waits[each.ip_key]) if isinstance(result, TooManySignups) else result
+        for each, result in zip(batch, results, strict=True)
+    ]
+
+
+def _apply(
+    each: _Signup, status: str | None, now: datetime, added: dict, renamed: dict
+) -> Outcome | None:
+    """Record the subscriber change of one signup in ``added`` (new rows) or ``renamed``
+    (changes to existing rows); None when a confirmation is due."""
+    if status is None:
+        row = {"email": each.address, "name": each.name, "source": "form", "created_at": now}
+        added[each.address] = (
+            row | {"confirmed_at": None} | subscribers.status_changes(None, "pending", now)
+        )
+        return None
+    if status in ("pending", "unsubscribed"):  # unsubscribed: they came back, asked
+        new = subscribers.next_status(status, "pending", resubscribe=True)
+        values = subscribers.status_changes(status, new, now)
+        if each.name:
+            values["name"] = each.name
+        if each.address in added:  # signed up earlier in this batch: not yet written
+            added[each.address] |= values
+        elif values:
+            renamed.setdefault(each.address, {}).update(values)
         return None
     # Active: never renamed by an unconfirmed form. Bounced, complained: left alone.
-    return "active" if existing.status == "active" else "stopped"
+    return "active" if status == "active" else "stopped"
 
 
 def signup(
@@ -184,26 +252,15 @@ def signup(
 
     Raises :class:`InvalidSignup` for a field to correct and :class:`TooManySignups`
     when this client is over its limit; "queued" means a confirmation awaits delivery.
+    The write joins those of concurrent signups in one transaction
+    (:func:`newsletter.writes.grouped`).
     """
     if (website or "").strip():
         return "honeypot"
     address, name = _validated(email, name)
     mail = outbound.prepare_confirmation(settings, tokens, address)
-    ip_key = client_key(ip)
-    now = utcnow()
-    with write_transaction(store, key=address) as session:
-        from_ip, to_address = _recent(session, ip_key, address, now)
-        if from_ip >= PER_IP_LIMIT:
-            raise TooManySignups(_retry_after(session, ip_key, now))
-        outcome = _apply(session, address, name, now)
-        if outcome is None and to_address >= PER_ADDRESS_LIMIT:
-            outcome = "limited"
-        keys = [ip_key] if outcome else [ip_key, address]
-        session.execute(_RECORD_ATTEMPT, [{"key": key, "attempted_at": now} for key in keys])
-        if outcome:
-            return outcome
-        outbound.queue(session, mail)
-        return "queued"
+    request = _Signup(address, name, client_key(ip), mail)
+    return grouped(store, _write_signups, request, keys=lambda each: [each.address])
 
 
 def confirm(store: Store, email: str) -> Subscriber | None:

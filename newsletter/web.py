@@ -182,7 +182,7 @@ def subscribe() -> Response:
         return response
     if outcome == "queued":
         ctx.notify()
-    return redirect(next_url or "/thanks", 303)  # type: ignore[return-value]
+    return Response(status=303, headers={"Location": next_url or "/thanks"})
 
 
 @bp.get("/thanks")

@@ -14,17 +14,24 @@ from newsletter.cli import settings
     "--port", type=click.IntRange(0, 65535), default=8000, show_default=True, help="0: any free."
 )
 @click.option(
+    "--workers",
+    type=click.IntRange(1, 64),
+    default=server.DEFAULT_WORKERS,
+    show_default=True,
+    help="Worker processes.",
+)
+@click.option(
     "--threads",
     type=click.IntRange(1, 64),
     default=server.DEFAULT_THREADS,
     show_default=True,
-    help="Request threads.",
+    help="Request threads per worker process.",
 )
 @click.option(
     "--print-form", is_flag=True, help="Print an HTML signup form for your blog, then exit."
 )
-def serve(host: str, port: int, threads: int, print_form: bool) -> None:
-    """Run the signup web app (waitress) and send confirmation emails in the background.
+def serve(host: str, port: int, workers: int, threads: int, print_form: bool) -> None:
+    """Run the signup web app (gunicorn) and send confirmation emails in the background.
 
     Signup form, double opt-in confirmation and one-click unsubscribe, at
     NEWSLETTER_SITE_URL. Behind a reverse proxy, set NEWSLETTER_TRUSTED_PROXIES.
@@ -40,6 +47,7 @@ def serve(host: str, port: int, threads: int, print_form: bool) -> None:
         config,
         host,
         port,
+        workers=workers,
         threads=threads,
         announce=lambda url: click.echo(f"serving {config.list_name} on {url}", err=True),
     )
