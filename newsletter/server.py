@@ -26,6 +26,7 @@ scheduler is not part of this; it runs as ``newsletter scheduler``.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import gc
 import logging
 import multiprocessing
@@ -58,7 +59,8 @@ GRACEFUL_SECONDS = 5
 GIL_SWITCH_SECONDS = 0.001
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 RESTART_DELAYS = (1.0, 60.0)  # first delay, longest delay
-OUTBOUND_STOP_SECONDS = 35.0  # the worker's own stop waits up to 30 s for the message in hand
+OUTBOUND_STOP_SECONDS = 35.0  # its worker's own stop waits up to 30 s for the message in hand
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 def listen(host: str, port: int) -> socket.socket:
@@ -166,8 +168,9 @@ def _send_outbound(settings: Settings, wake_fd: int) -> None:
 
     worker.start()
     threading.Thread(target=relay, name="newsletter-wake", daemon=True).start()
+    parent = os.getppid()
     try:
-        while not stopping.wait(1.0) and worker.is_alive():
+        while not stopping.wait(1.0) and worker.is_alive() and os.getppid() == parent:
             pass
     finally:
         worker.stop()
@@ -177,10 +180,20 @@ def _send_outbound(settings: Settings, wake_fd: int) -> None:
 # The process that starts and watches both ----------------------------------------------
 
 
-def _child(target: Callable[..., None], *args: object) -> None:
+def _die_with(parent: int) -> None:
+    """Have Linux send SIGTERM to this process when ``parent`` dies: a ``kill -9`` of
+    ``newsletter serve`` must not leave a web server or a mail sender running alone."""
+    with contextlib.suppress(OSError, AttributeError):  # not Linux: _send_outbound checks
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != parent:  # it died before the request took effect
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _child(parent: int, target: Callable[..., None], *args: object) -> None:
     """Run ``target`` in a forked child with the default signal handling back."""
     for sig in STOP_SIGNALS:
         signal.signal(sig, signal.SIG_DFL)
+    _die_with(parent)
     logging.basicConfig(
         level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
@@ -207,7 +220,7 @@ class _Supervisor:
                 os.kill(child.pid, signum)
 
     def _start(self, name: str, target: Callable[..., None], *args: object) -> BaseProcess:
-        process = self._context.Process(target=_child, args=(target, *args), name=name)
+        process = self._context.Process(target=_child, args=(os.getpid(), target, *args), name=name)
         process.start()
         self._children = [c for c in self._children if c.exitcode is None] + [process]
         return process

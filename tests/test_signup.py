@@ -101,3 +101,27 @@ def test_old_attempts_are_forgotten(store: Store, web_settings: Settings) -> Non
     with store.session() as session:
         keys = sorted(session.scalars(select(SignupAttempt.key)))
     assert keys == ["a1@example.com", "a2@example.com"] + ["ip:192.0.2.1"] * 3
+
+
+def test_ip_limit_holds_within_one_batch(store: Store, web_settings: Settings) -> None:
+    """Twenty-five signups from one IP at once, most of them written in the same
+    transaction: exactly PER_IP_LIMIT are taken, the rest are told when to come back."""
+    tokens = signup.make_tokens(web_settings, store)
+    outcomes: list[object] = []
+
+    def work(n: int) -> None:
+        try:
+            outcomes.append(
+                signup.signup(
+                    store, web_settings, tokens, email=f"m{n}@example.com", ip="192.0.2.9"
+                )
+            )
+        except signup.TooManySignups as exc:
+            outcomes.append(exc)
+
+    assert _run_at_once(signup.PER_IP_LIMIT + 5, work) == []
+    refused = [o for o in outcomes if isinstance(o, signup.TooManySignups)]
+    assert outcomes.count("queued") == signup.PER_IP_LIMIT and len(refused) == 5
+    assert all(3500 < exc.retry_after <= 3600 for exc in refused)
+    with store.session() as session:
+        assert session.scalar(select(func.count()).select_from(OutboundMail)) == signup.PER_IP_LIMIT

@@ -6,22 +6,14 @@ from __future__ import annotations
 
 import email
 import email.policy
-import http.client
-import os
 import re
 import shutil
 import signal
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlsplit
 
 import pytest
+from serving import Server, post, start_server
 
 from newsletter import subscribers
 from newsletter.store import open_store
@@ -32,111 +24,14 @@ ROOT = Path(__file__).resolve().parents[1]
 DIGEST = ROOT / "digests" / "2026-11-20-weekly-links.md"
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-@dataclass
-class Server:
-    """A running `newsletter serve` and what it needs to be talked to."""
-
-    url: str
-    env: dict[str, str]
-    cwd: Path
-    process: subprocess.Popen
-
-    def status(self, address: str) -> str | None:
-        with open_store(self.env["NEWSLETTER_DATABASE_URL"]) as store, store.session() as session:
-            found = subscribers.get(session, address)
-            return found.status if found else None
-
-    def newsletter(self, *args: str) -> subprocess.CompletedProcess:
-        return subprocess.run(
-            [sys.executable, "-m", "newsletter", *args],
-            cwd=self.cwd,
-            env=self.env,
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
-        )
-
-    def stop(self, sig: int = signal.SIGTERM) -> int:
-        if self.process.poll() is None:
-            self.process.send_signal(sig)
-        return self.process.wait(timeout=15)
-
-
-def _start(cwd: Path, smtp_env: dict[str, str]) -> Server:
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("NEWSLETTER_")}
-    env |= smtp_env | {
-        "NEWSLETTER_DATABASE_URL": f"sqlite:///{cwd / 'newsletter.db'}",
-        "NEWSLETTER_SITE_URL": url,
-        "NEWSLETTER_NAME": "Weekly Links",
-        "NEWSLETTER_FROM": "Weekly Links <links@example.com>",
-        "NEWSLETTER_ASSET_BASE_URL": "https://blog.example.com/posts/",
-    }
-    with (cwd / "serve.log").open("wb") as log:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "newsletter", "serve", "--port", str(port)],
-            cwd=cwd,
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-    server = Server(url, env, cwd, process)
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise AssertionError((cwd / "serve.log").read_text())
-        try:
-            with urllib.request.urlopen(f"{url}/healthz", timeout=1) as response:
-                if response.status == 200:
-                    return server
-        except OSError:
-            time.sleep(0.1)
-    server.stop(signal.SIGKILL)
-    raise AssertionError("newsletter serve did not answer /healthz within 20 s")
-
-
 @pytest.fixture
 def server(tmp_path: Path, smtp_sink) -> Iterator[Server]:
     """`newsletter serve` on a free port, an SQLite file and the SMTP sink; stopped after."""
-    running = _start(tmp_path, smtp_sink.env())
+    running = start_server(tmp_path, smtp_sink.env())
     try:
         yield running
     finally:
         running.stop(signal.SIGKILL)
-
-
-@dataclass(frozen=True)
-class Answer:
-    """An HTTP answer, redirects not followed."""
-
-    status: int
-    headers: dict[str, str]
-    body: bytes
-
-
-def _post(url: str, body: str) -> Answer:
-    """POST a form-encoded body with http.client: no cookie jar, no redirect following."""
-    parts = urlsplit(url)
-    connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=10)
-    try:
-        connection.request(
-            "POST",
-            parts.path,
-            body=body,
-            headers={"Content-Type": "application/x-www-form-urlencoded"},
-        )
-        response = connection.getresponse()
-        return Answer(response.status, dict(response.getheaders()), response.read())
-    finally:
-        connection.close()
 
 
 def _parse(data: bytes) -> email.message.EmailMessage:
@@ -205,7 +100,7 @@ def test_signup_confirm_send_and_one_click_unsubscribe(
         page.screenshot(path=artifacts_dir / "signup-5-unsubscribe.png", full_page=True)
         assert server.status("ada@example.com") == "active"
 
-        response = _post(unsubscribe_url, "List-Unsubscribe=One-Click")  # as Gmail does
+        response = post(unsubscribe_url, "List-Unsubscribe=One-Click")  # as Gmail does
         assert response.status == 200
         assert "Location" not in response.headers and "Set-Cookie" not in response.headers
         assert server.status("ada@example.com") == "unsubscribed"
@@ -256,6 +151,6 @@ def test_form_pasted_into_a_blog_posts_across_sites(
         page.close()
     assert smtp_sink.wait_for(1, timeout=10)[0].recipients == ("reader@example.org",)
     assert server.status("reader@example.org") == "pending"
-    too_big = _post(f"{server.url}/subscribe", "email=a%40example.com&name=" + "x" * 100_000)
+    too_big = post(f"{server.url}/subscribe", "email=a%40example.com&name=" + "x" * 100_000)
     assert too_big.status == 413 and b"<h1>That was too much</h1>" in too_big.body
     assert server.stop(signal.SIGINT) == 0
