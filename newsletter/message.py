@@ -74,9 +74,10 @@ def new_message_id(domain: str) -> str:
 
 
 def _qp(text: str) -> str:
-    """Quoted-printable body encoding of UTF-8 text with CRLF line ends."""
+    """Quoted-printable body encoding of UTF-8 text with CRLF line ends, lines of at most
+    75 characters: a placeholder's soft line break may follow the last one."""
     raw = text.replace("\r\n", "\n").encode("utf-8").decode("latin-1")
-    return email.quoprimime.body_encode(raw, maxlinelen=76, eol=CRLF)
+    return email.quoprimime.body_encode(raw, maxlinelen=75, eol=CRLF)
 
 
 def qp_value(value: str) -> str:

@@ -45,7 +45,7 @@ from newsletter.message import (
     new_message_id,
     qp_value,
 )
-from newsletter.render import placeholder, template_environment
+from newsletter.render import Personalizer, placeholder, template_environment
 from newsletter.store import OutboundMail, Store, Subscriber, utcnow
 from newsletter.subscribers import unsubscribe
 from newsletter.tokens import Tokens, confirm_url
@@ -112,20 +112,20 @@ class _Confirmation:
     """The confirmation mail rendered and encoded once per process and settings; each
     address only fills in itself, its link, the date and a Message-ID.
 
+    That needs templates that print ``email`` and ``confirm_url`` as they are. A custom
+    template that transforms them (``{{ email|lower }}``, a test on the address) is
+    noticed with a probe address at start, and then rendered for each address instead.
     ``To`` is the bare address: a display name typed into a web form is never put into
     mail sent to whoever owns the address.
     """
 
     def __init__(self, settings: Settings, expires_days: int) -> None:
-        values = {
+        self._values = {
             "list_name": settings.list_name,
-            "email": placeholder("email"),
-            "confirm_url": placeholder("confirm_url"),
             "site_url": settings.site_url,
             "expires_days": expires_days,
         }
-        text_template, html_template = _confirmation_templates(settings.templates_dir)
-        text = _TEXT_FIELDS.sub(r"@@NL_TEXT_\1@@", text_template.render(values))
+        self._templates = _confirmation_templates(settings.templates_dir)
         headers = [
             f"From: {address_header(*parseaddr(settings.from_address))}",
             f"To: {placeholder('to')}",
@@ -136,17 +136,33 @@ class _Confirmation:
         if settings.reply_to:
             headers.append(f"Reply-To: {address_header(*parseaddr(settings.reply_to))}")
         # RFC 3834: an automatic mail, so no vacation replies to it.
-        headers += ["Auto-Submitted: auto-generated", "MIME-Version: 1.0"]
-        self._wire = WireTemplate(headers, text, html_template.render(values))
+        self._headers = [*headers, "Auto-Submitted: auto-generated", "MIME-Version: 1.0"]
         self._domain = envelope_address(settings.from_address).rpartition("@")[2] or "localhost"
         self._clock = HeaderClock()
+        text, html = self._render(placeholder("email"), placeholder("confirm_url"))
+        probe = {"email": "probe@example.invalid", "confirm_url": "https://probe.invalid/c/1"}
+        filled = [Personalizer(part).fill(probe) for part in (text, html)]  # nothing to escape
+        self._wire: WireTemplate | None = None
+        if filled == list(self._render(probe["email"], probe["confirm_url"])):
+            self._wire = WireTemplate(
+                self._headers, _TEXT_FIELDS.sub(r"@@NL_TEXT_\1@@", text), html
+            )
+
+    def _render(self, email: str, url: str) -> tuple[str, str]:
+        values = self._values | {"email": email, "confirm_url": url}
+        return tuple(template.render(values) for template in self._templates)  # type: ignore[return-value]
 
     def build(self, email: str, url: str) -> bytes:
+        values = {
+            "to": clean_header_value(email),
+            "date": self._clock.now(),
+            "message_id": new_message_id(self._domain),
+        }
+        if self._wire is None:  # a template that transforms the values: render this one
+            return WireTemplate(self._headers, *self._render(email, url)).fill(values)
         return self._wire.fill(
-            {
-                "to": clean_header_value(email),
-                "date": self._clock.now(),
-                "message_id": new_message_id(self._domain),
+            values
+            | {
                 "email": qp_value(escape(email)),
                 "confirm_url": qp_value(escape(url)),
                 "text_email": qp_value(email),

@@ -36,7 +36,7 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from multiprocessing.connection import wait
 from multiprocessing.process import BaseProcess
 
@@ -193,6 +193,7 @@ def _child(parent: int, target: Callable[..., None], *args: object) -> None:
     """Run ``target`` in a forked child with the default signal handling back."""
     for sig in STOP_SIGNALS:
         signal.signal(sig, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)  # held back by _Supervisor._start
     _die_with(parent)
     logging.basicConfig(
         level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -204,11 +205,8 @@ class _Supervisor:
     """Starts the web and outbound processes, starts the outbound one again if it dies, and
     passes a stop signal on to both."""
 
-    def __init__(
-        self, settings: Settings, listening: socket.socket, workers: int, threads: int
-    ) -> None:
-        self._settings, self._listening = settings, listening
-        self._workers, self._threads = workers, threads
+    def __init__(self, settings: Settings, workers: int, threads: int) -> None:
+        self._settings, self._workers, self._threads = settings, workers, threads
         self._context = multiprocessing.get_context("fork")  # forked before any thread starts
         self._stop_signal: int | None = None
         self._children: list[BaseProcess] = []
@@ -220,13 +218,33 @@ class _Supervisor:
                 os.kill(child.pid, signum)
 
     def _start(self, name: str, target: Callable[..., None], *args: object) -> BaseProcess:
+        """Fork a child with the stop signals held back until it is on the list they are
+        passed on to (and, in the child, until its own handling is in place)."""
         process = self._context.Process(target=_child, args=(os.getpid(), target, *args), name=name)
-        process.start()
-        self._children = [c for c in self._children if c.exitcode is None] + [process]
+        signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+        try:
+            process.start()
+            self._children = [c for c in self._children if c.exitcode is None] + [process]
+        finally:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
         return process
 
-    def run(self) -> None:
+    @contextlib.contextmanager
+    def handling_signals(self) -> Iterator[None]:
+        """SIGINT and SIGTERM noted (and passed on to the children) instead of ending this
+        process, from before start-up until the children are gone."""
         previous = {sig: signal.signal(sig, self._on_signal) for sig in STOP_SIGNALS}
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    def run(self, listening: socket.socket) -> None:
+        """Run both processes until a stop signal or the web server's end."""
+        if self._stop_signal is not None:  # asked to stop while starting up
+            listening.close()
+            return
         wake_read, wake_write = os.pipe()
         os.set_blocking(wake_write, False)
         try:
@@ -234,18 +252,16 @@ class _Supervisor:
                 "newsletter-web",
                 _serve_web,
                 self._settings,
-                self._listening.fileno(),
+                listening.fileno(),
                 self._workers,
                 self._threads,
                 wake_write,
             )
-            self._listening.close()  # the web process has it
+            listening.close()  # the web process has it
             os.close(wake_write)  # kept for restarts: the read end only
             self._watch(web, wake_read)
         finally:
             os.close(wake_read)
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
 
     def _running(self, web: BaseProcess) -> bool:
         return self._stop_signal is None and web.exitcode is None
@@ -297,8 +313,10 @@ def run(
     starts, so a bad setting or template is a one-line error rather than workers that
     fail to boot one after the other.
     """
-    with open_store(settings) as store:
-        create_app(settings, store)
-    listening = listen(host, port)
-    announce(url_of(listening))
-    _Supervisor(settings, listening, workers, threads).run()
+    supervisor = _Supervisor(settings, workers, threads)
+    with supervisor.handling_signals():
+        with open_store(settings) as store:
+            create_app(settings, store)
+        listening = listen(host, port)
+        announce(url_of(listening))
+        supervisor.run(listening)

@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import fcntl
 import os
+import sqlite3
 import threading
+import time
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -31,7 +33,7 @@ from weakref import WeakKeyDictionary
 from sqlalchemy import Engine, text
 from sqlalchemy.orm import Session
 
-from newsletter.store import Store
+from newsletter.store import SQLITE_BUSY_SECONDS, Store
 
 Request = TypeVar("Request")
 Result = TypeVar("Result")
@@ -76,11 +78,30 @@ def _exclusive(locks: tuple[threading.Lock, int | None]) -> Iterator[None]:
         if lock_file is None:
             yield
             return
-        fcntl.flock(lock_file, fcntl.LOCK_EX)
+        _lock(lock_file)
         try:
             yield
         finally:
             fcntl.flock(lock_file, fcntl.LOCK_UN)
+
+
+def _lock(lock_file: int) -> None:
+    """Take the lock file, looking again every 0.5-4 ms; after SQLITE_BUSY_SECONDS give up
+    the way SQLite does ("database is locked"), so a stopped process cannot hang us."""
+    deadline = time.monotonic() + SQLITE_BUSY_SECONDS
+    pause = 0.0005
+    while True:
+        try:
+            fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                raise sqlite3.OperationalError(
+                    f"database is locked: another process held its write lock for "
+                    f"{SQLITE_BUSY_SECONDS} s"
+                ) from None
+            time.sleep(pause)
+            pause = min(pause * 2, 0.004)
 
 
 @contextmanager
@@ -160,16 +181,18 @@ class GroupCommit(Generic[Request, Result]):
 
     def _write_batch(self, store: Store, batch: list[_Entry[Request, Result]]) -> None:
         try:
-            self._transaction(store, batch)
-        except Exception as exc:
-            if len(batch) == 1:
-                batch[0].error = exc
-            else:
-                for entry in batch:
-                    self._write_alone(store, entry)
-        except BaseException as exc:  # KeyboardInterrupt and the like: nobody is left waiting
+            try:
+                self._transaction(store, batch)
+            except Exception as exc:
+                if len(batch) == 1:
+                    batch[0].error = exc
+                else:
+                    for entry in batch:
+                        self._write_alone(store, entry)
+        except BaseException as exc:  # KeyboardInterrupt and the like: nobody left hanging
             for entry in batch:
-                entry.error = exc
+                if entry.error is None and entry.result is None:
+                    entry.error = exc
             raise
         finally:
             for entry in batch:
@@ -186,8 +209,10 @@ class GroupCommit(Generic[Request, Result]):
         keys = {key for request in requests for key in self._keys(request)}
         with write_transaction(store, keys=keys) as session:
             results = self._write(session, requests)
-        if len(results) != len(batch):
-            raise RuntimeError(f"{self._write.__name__} answered {len(results)} of {len(batch)}")
+            if len(results) != len(batch):  # before the commit: nothing written twice
+                raise RuntimeError(
+                    f"{self._write.__name__} answered {len(results)} of {len(batch)}"
+                )
         for entry, result in zip(batch, results, strict=True):
             if isinstance(result, Exception):
                 entry.error = result

@@ -72,6 +72,41 @@ def test_non_ascii_list_name_and_address_are_encoded(web_settings: Settings) -> 
     assert message["To"] == "zoë@example.com"
 
 
+def test_long_links_keep_quoted_printable_lines_short(web_settings: Settings) -> None:
+    """A long site URL full of '=' (each encoded as three characters) still gives body lines
+    of at most 76 characters (RFC 2045), and the link decodes exactly."""
+    site = "https://news.example.com/very/long/path/" + "y" * 40 + "?a=b&c=d"
+    mail = outbound.prepare_confirmation(replace(web_settings, site_url=site), TOKENS, "a@b.co")
+    lines = mail.body.split(b"\r\n")
+    assert max(len(line) for line in lines) <= 78  # headers included (RFC 5322)
+    body = [line for line in lines if b": " not in line and not line.startswith(b"--")]
+    assert max(len(line) for line in body) <= 76
+    text = _parse(mail.body).get_body(("plain",)).get_content()
+    token = text.split(f"{site}/confirm/")[1].split()[0]
+    assert TOKENS.read_confirm(token) == "a@b.co"
+
+
+def test_a_template_that_transforms_the_address_is_rendered_per_address(
+    web_settings: Settings, tmp_path: Path
+) -> None:
+    """The mail is encoded once with placeholders only when the templates print the address
+    and link as they are; a custom template that changes them still gets the real values."""
+    templates = tmp_path / "templates"
+    templates.mkdir()
+    (templates / "confirm_email.txt").write_text(
+        "Confirm {{ email|upper }}{% if 'example' in email %} (example){% endif %}: "
+        "{{ confirm_url }}\n"
+    )
+    (templates / "confirm_email.html").write_text("<p>{{ email|lower }}</p>")
+    settings = replace(web_settings, templates_dir=templates)
+    for address in ("ada@example.com", "bob@other.org"):
+        message = _parse(outbound.prepare_confirmation(settings, TOKENS, address).body)
+        text = message.get_body(("plain",)).get_content()
+        suffix = " (example)" if "example" in address else ""
+        assert text.startswith(f"Confirm {address.upper()}{suffix}: https://news.example.com/")
+        assert message.get_body(("html",)).get_content().strip() == f"<p>{address}</p>"
+
+
 def test_queued_mail_disappears_with_its_transaction(store: Store, web_settings) -> None:
     """Mail queued in a transaction that rolls back is never sent."""
     with pytest.raises(RuntimeError), store.begin() as session:

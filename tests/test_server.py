@@ -6,6 +6,8 @@ from __future__ import annotations
 import os
 import re
 import signal
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -104,3 +106,28 @@ def test_kill_9_of_serve_leaves_no_process_behind(server: Server) -> None:
     server.process.send_signal(signal.SIGKILL)
     server.process.wait(timeout=10)
     assert all(_wait_gone(pid) for pid in family)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_stop_signal_at_start_up_stops_it_at_once(tmp_path: Path, smtp_sink, sig) -> None:
+    """A stop signal the moment serve says it is serving (before or while it starts its
+    processes) is passed on to them: exit 0 within seconds, nothing left behind."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NEWSLETTER_")}
+    env |= smtp_sink.env() | {"NEWSLETTER_DATABASE_URL": f"sqlite:///{tmp_path / 'n.db'}"}
+    for _ in range(3):
+        process = subprocess.Popen(
+            [sys.executable, "-m", "newsletter", "serve", "--port", "0"],
+            cwd=tmp_path,
+            env=env,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        assert process.stderr is not None
+        assert "serving" in process.stderr.readline()
+        family = descendants(process.pid)
+        process.send_signal(sig)
+        started = time.monotonic()
+        assert process.wait(timeout=30) == 0
+        assert time.monotonic() - started < 5
+        process.stderr.close()
+        assert all(_wait_gone(pid) for pid in family + descendants(process.pid))

@@ -4,6 +4,7 @@ lock file that makes writers in other processes take turns."""
 from __future__ import annotations
 
 import fcntl
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -16,6 +17,7 @@ from sqlalchemy import func, insert, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from newsletter import writes
 from newsletter.store import SignupAttempt, Store, Subscriber, utcnow
 from newsletter.writes import GroupCommit, write_transaction
 
@@ -161,3 +163,55 @@ def test_sqlite_writers_in_other_processes_wait_on_the_lock_file(
     assert line.startswith("written ")
     assert float(line.split()[1]) - released < 0.5
     assert _attempts(store) == ["first", "other"]
+
+
+def test_a_writer_answering_the_wrong_count_writes_nothing(store: Store) -> None:
+    """A batch writer that answers fewer results than requests fails before its commit, so
+    the retry of each request alone cannot write anything twice."""
+
+    def short(session: Session, batch: Sequence[str]) -> list[str]:
+        session.execute(
+            insert(SignupAttempt), [{"key": key, "attempted_at": utcnow()} for key in batch]
+        )
+        return list(batch)[:-1]
+
+    with pytest.raises(RuntimeError, match="answered 0 of 1"):
+        GroupCommit(short).submit(store, "once")
+    assert _attempts(store) == []
+
+
+def test_a_lock_file_held_too_long_fails_like_a_locked_database(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A process that holds the lock file and never lets go (stopped, hung) makes a write
+    fail with "database is locked" after the busy timeout, never hang for good."""
+    if store.engine.dialect.name != "sqlite":
+        pytest.skip("the lock file is SQLite's")
+    monkeypatch.setattr(writes, "SQLITE_BUSY_SECONDS", 0.5)
+    lock_path = Path(f"{store.engine.url.database}.write-lock")
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_LOCK, str(lock_path)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "held\n"
+        started = time.monotonic()
+        locked = pytest.raises(sqlite3.OperationalError, match="database is locked")
+        with locked, write_transaction(store) as session:
+            session.execute(insert(SignupAttempt), {"key": "k", "attempted_at": utcnow()})
+        assert 0.5 <= time.monotonic() - started < 3
+    finally:
+        holder.kill()
+        holder.wait()
+        holder.stdout.close()
+    with write_transaction(store) as session:  # the lock died with its holder
+        session.execute(insert(SignupAttempt), {"key": "after", "attempted_at": utcnow()})
+    assert _attempts(store) == ["after"]
+
+
+HOLD_LOCK = (
+    "import fcntl, sys, time\n"
+    "held = open(sys.argv[1], 'ab')\n"
+    "fcntl.flock(held, fcntl.LOCK_EX)\n"
+    "print('held', flush=True)\n"
+    "time.sleep(60)\n"
+)
