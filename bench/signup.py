@@ -321,7 +321,6 @@ def main() -> None:
     parser.add_argument(
         "--database-url", help="e.g. a PostgreSQL database (default: a fresh SQLite file)"
     )
-    args = parser.parse_args()
     parser.add_argument("--runs", type=int, default=3, help="median of this many runs")
     args = parser.parse_args()
     runs = []
