@@ -86,10 +86,12 @@ def _exclusive(locks: tuple[threading.Lock, int | None]) -> Iterator[None]:
 
 
 def _lock(lock_file: int) -> None:
-    """Take the lock file, looking again every 0.5-4 ms; after SQLITE_BUSY_SECONDS give up
-    the way SQLite does ("database is locked"), so a stopped process cannot hang us."""
+    """Take the lock file, looking again after 0.05 ms, then ever less often up to every
+    0.5 ms (a blocking flock would wait for ever on a stopped process; a longer pause costs
+    signups a sixth of their throughput); after SQLITE_BUSY_SECONDS give up the way SQLite
+    does ("database is locked")."""
     deadline = time.monotonic() + SQLITE_BUSY_SECONDS
-    pause = 0.0005
+    pause = 0.00005
     while True:
         try:
             fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -101,7 +103,7 @@ def _lock(lock_file: int) -> None:
                     f"{SQLITE_BUSY_SECONDS} s"
                 ) from None
             time.sleep(pause)
-            pause = min(pause * 2, 0.004)
+            pause = min(pause * 2, 0.0005)
 
 
 @contextmanager
