@@ -64,6 +64,7 @@ class WebContext:
     tokens: Tokens
     notify: Callable[[], None]
     css: bytes
+    headers: dict[bool, tuple[tuple[str, str], ...]]  # security headers by embeddable or not
 
 
 def _ctx() -> WebContext:
@@ -86,7 +87,12 @@ def create_app(
     app.config.update(MAX_CONTENT_LENGTH=MAX_BODY_BYTES, MAX_FORM_PARTS=20)
     css = app.jinja_env.get_template("web/style.css").render().encode("utf-8")
     app.extensions["newsletter"] = WebContext(
-        settings, store, signup.make_tokens(settings, store), notify or (lambda: None), css
+        settings,
+        store,
+        signup.make_tokens(settings, store),
+        notify or (lambda: None),
+        css,
+        {embeddable: security_headers(settings, embeddable) for embeddable in (False, True)},
     )
     app.register_blueprint(bp)
     app.register_error_handler(HTTPException, _http_error)
@@ -294,19 +300,29 @@ def _refuse_big_bodies() -> None:
         abort(413)
 
 
-def _security_headers(response: Response) -> Response:
-    settings = _ctx().settings
-    embeddable = g.get("embeddable", False) and settings.frame_ancestors
+def security_headers(settings: Settings, embeddable: bool) -> tuple[tuple[str, str], ...]:
+    """The headers every answer carries; ``embeddable`` pages (the form, its thank-you
+    page) may be framed by the sites in ``NEWSLETTER_FRAME_ANCESTORS``, if any."""
+    embeddable = embeddable and bool(settings.frame_ancestors)
     ancestors = " ".join(settings.frame_ancestors) if embeddable else "'none'"
     form_action = " ".join(("'self'", *settings.allowed_redirects))
-    response.headers["Content-Security-Policy"] = (
+    csp = (
         "default-src 'none'; style-src 'self'; img-src 'self' data:; "
         f"form-action {form_action}; frame-ancestors {ancestors}; base-uri 'none'"
     )
+    headers = [("Content-Security-Policy", csp)]
     if not embeddable:
-        response.headers["X-Frame-Options"] = "DENY"
-    response.headers["X-Content-Type-Options"] = "nosniff"
-    response.headers["Referrer-Policy"] = "no-referrer"  # tokens in our URLs stay ours
-    response.headers["Cross-Origin-Opener-Policy"] = "same-origin"
+        headers.append(("X-Frame-Options", "DENY"))
+    return (
+        *headers,
+        ("X-Content-Type-Options", "nosniff"),
+        ("Referrer-Policy", "no-referrer"),  # tokens in our URLs stay ours
+        ("Cross-Origin-Opener-Policy", "same-origin"),
+    )
+
+
+def _security_headers(response: Response) -> Response:
+    for name, value in _ctx().headers[g.get("embeddable", False)]:
+        response.headers[name] = value
     response.headers.setdefault("Cache-Control", "no-store")
     return response

@@ -229,9 +229,11 @@ def grouped(
     keys: Callable[[Request], Iterable[str]] = lambda request: (),
 ) -> Result:
     """``request`` written by ``write`` through the store's one :class:`GroupCommit` for it."""
-    with _LOCKS_GUARD:
-        groups = _GROUPS.setdefault(store.engine, {})
-        group = groups.get(write)
-        if group is None:
-            group = groups[write] = GroupCommit(write, keys)
+    group = _GROUPS.get(store.engine, {}).get(write)
+    if group is None:
+        with _LOCKS_GUARD:
+            groups = _GROUPS.setdefault(store.engine, {})
+            group = groups.get(write)
+            if group is None:
+                group = groups[write] = GroupCommit(write, keys)
     return group.submit(store, request)
