@@ -28,9 +28,7 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from email.utils import parseaddr
 from html import escape
-from pathlib import Path
 
-from jinja2 import Template
 from sqlalchemy import bindparam, delete, insert, or_, select, update
 from sqlalchemy.orm import Session
 
@@ -98,13 +96,6 @@ class OutboundReport:
         self.unreachable = other.unreachable or self.unreachable
 
 
-@functools.lru_cache(maxsize=8)
-def _confirmation_templates(templates_dir: Path | None) -> tuple[Template, Template]:
-    """The two templates of a confirmation, loaded once per process."""
-    env = template_environment(templates_dir)
-    return env.get_template("confirm_email.txt"), env.get_template("confirm_email.html")
-
-
 _TEXT_FIELDS = re.compile(r"@@NL_(EMAIL|CONFIRM_URL)@@")
 
 
@@ -125,7 +116,11 @@ class _Confirmation:
             "site_url": settings.site_url,
             "expires_days": expires_days,
         }
-        self._templates = _confirmation_templates(settings.templates_dir)
+        env = template_environment(settings.templates_dir)
+        self._templates = (
+            env.get_template("confirm_email.txt"),
+            env.get_template("confirm_email.html"),
+        )
         headers = [
             f"From: {address_header(*parseaddr(settings.from_address))}",
             f"To: {placeholder('to')}",
@@ -171,7 +166,7 @@ class _Confirmation:
         )
 
 
-_confirmation = functools.lru_cache(maxsize=8)(_Confirmation)
+_confirmation = functools.lru_cache(maxsize=8)(_Confirmation)  # built once per process
 
 
 def confirmation_subject(settings: Settings) -> str:

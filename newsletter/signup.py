@@ -26,7 +26,7 @@ import ipaddress
 import math
 import re
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Literal
@@ -268,11 +268,7 @@ def confirm(store: Store, email: str) -> Subscriber | None:
 
     Someone who unsubscribed since stays unsubscribed (a stale link never re-subscribes).
     """
-    with write_transaction(store, key=email) as session:
-        subscriber = session.scalar(select(Subscriber).where(Subscriber.email == email))
-        if subscriber is not None:
-            subscribers.confirm(session, subscriber.id)
-        return subscriber
+    return _change(store, email, subscribers.confirm)
 
 
 def unsubscribe(store: Store, email: str) -> Subscriber | None:
@@ -280,10 +276,17 @@ def unsubscribe(store: Store, email: str) -> Subscriber | None:
 
     None when the address is not on the list (purged): there is nothing to stop.
     """
+    return _change(store, email, subscribers.unsubscribe)
+
+
+def _change(
+    store: Store, email: str, change: Callable[[Session, int], object]
+) -> Subscriber | None:
+    """Apply ``change`` to the subscriber of ``email`` in a write transaction keyed on it."""
     with write_transaction(store, key=email) as session:
         subscriber = session.scalar(select(Subscriber).where(Subscriber.email == email))
         if subscriber is not None:
-            subscribers.unsubscribe(session, subscriber.id)
+            change(session, subscriber.id)
         return subscriber
 
 

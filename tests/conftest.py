@@ -181,3 +181,18 @@ def app(web_settings, store):
 def client(app):
     """Flask's test client for ``app``."""
     return app.test_client()
+
+
+@pytest.fixture
+def server(tmp_path: Path, smtp_sink):
+    """`newsletter serve` as a subprocess on a free port, an SQLite file and the SMTP sink;
+    killed with its whole process tree after the test: tests/serving.py."""
+    import signal
+
+    from serving import start_server
+
+    running = start_server(tmp_path, smtp_sink.env())
+    try:
+        yield running
+    finally:
+        running.stop(signal.SIGKILL)

@@ -9,20 +9,10 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from serving import Server, children, descendants, post, start_server
-
-
-@pytest.fixture
-def server(tmp_path: Path, smtp_sink) -> Iterator[Server]:
-    running = start_server(tmp_path, smtp_sink.env())
-    try:
-        yield running
-    finally:
-        running.stop(signal.SIGKILL)
+from serving import Server, children, descendants, post
 
 
 def _alive(pid: int) -> bool:

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import threading
 from datetime import timedelta
 
 import pytest
 from sqlalchemy import func, select, update
+from threads import at_once, errors
 
 from newsletter import signup
 from newsletter.config import Settings
@@ -29,25 +29,6 @@ def test_client_key(ip: str | None, key: str) -> None:
     assert signup.client_key(ip) == key
 
 
-def _run_at_once(count: int, work) -> list[BaseException]:
-    errors: list[BaseException] = []
-    start = threading.Barrier(count)
-
-    def run(n: int) -> None:
-        start.wait()
-        try:
-            work(n)
-        except BaseException as exc:
-            errors.append(exc)
-
-    threads = [threading.Thread(target=run, args=(n,)) for n in range(count)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    return errors
-
-
 def test_concurrent_signups_all_land(store: Store, web_settings: Settings) -> None:
     """Sixteen threads signing up at once: no 'database is locked', every address stored
     with exactly one queued confirmation."""
@@ -64,7 +45,7 @@ def test_concurrent_signups_all_land(store: Store, web_settings: Settings) -> No
             )
             assert outcome == "queued"
 
-    assert _run_at_once(16, work) == []
+    assert errors(at_once(16, work)) == []
     with store.session() as session:
         assert session.scalar(select(func.count()).select_from(Subscriber)) == 128
         assert session.scalar(select(func.count(func.distinct(OutboundMail.recipient)))) == 128
@@ -79,7 +60,7 @@ def test_one_address_signed_up_by_many_at_once(store: Store, web_settings: Setti
     def work(n: int) -> None:
         signup.signup(store, web_settings, tokens, email="victim@example.com", ip=f"10.1.0.{n}")
 
-    assert _run_at_once(10, work) == []
+    assert errors(at_once(10, work)) == []
     with store.session() as session:
         assert session.scalar(select(func.count()).select_from(Subscriber)) == 1
         mails = session.scalar(select(func.count()).select_from(OutboundMail))
@@ -119,7 +100,7 @@ def test_ip_limit_holds_within_one_batch(store: Store, web_settings: Settings) -
         except signup.TooManySignups as exc:
             outcomes.append(exc)
 
-    assert _run_at_once(signup.PER_IP_LIMIT + 5, work) == []
+    assert errors(at_once(signup.PER_IP_LIMIT + 5, work)) == []
     refused = [o for o in outcomes if isinstance(o, signup.TooManySignups)]
     assert outcomes.count("queued") == signup.PER_IP_LIMIT and len(refused) == 5
     assert all(3500 < exc.retry_after <= 3600 for exc in refused)

@@ -9,11 +9,10 @@ import email.policy
 import re
 import shutil
 import signal
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from serving import Server, post, start_server
+from serving import Server, post
 
 from newsletter import subscribers
 from newsletter.store import open_store
@@ -22,16 +21,6 @@ pytestmark = pytest.mark.browser
 
 ROOT = Path(__file__).resolve().parents[1]
 DIGEST = ROOT / "digests" / "2026-11-20-weekly-links.md"
-
-
-@pytest.fixture
-def server(tmp_path: Path, smtp_sink) -> Iterator[Server]:
-    """`newsletter serve` on a free port, an SQLite file and the SMTP sink; stopped after."""
-    running = start_server(tmp_path, smtp_sink.env())
-    try:
-        yield running
-    finally:
-        running.stop(signal.SIGKILL)
 
 
 def _parse(data: bytes) -> email.message.EmailMessage:

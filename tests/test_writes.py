@@ -16,30 +16,11 @@ import pytest
 from sqlalchemy import func, insert, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
+from threads import at_once
 
 from newsletter import writes
 from newsletter.store import SignupAttempt, Store, Subscriber, utcnow
 from newsletter.writes import GroupCommit, write_transaction
-
-
-def _at_once(count: int, work) -> dict[int, object]:
-    """Run ``work(n)`` in ``count`` threads started together; each result or exception."""
-    results: dict[int, object] = {}
-    start = threading.Barrier(count)
-
-    def run(n: int) -> None:
-        start.wait()
-        try:
-            results[n] = work(n)
-        except Exception as exc:
-            results[n] = exc
-
-    threads = [threading.Thread(target=run, args=(n,)) for n in range(count)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    return results
 
 
 class _Recorder:
@@ -68,7 +49,7 @@ def test_concurrent_requests_share_transactions(store: Store) -> None:
     """Sixteen threads at once: each gets its own answer, in fewer transactions than requests."""
     recorder = _Recorder()
     group = GroupCommit(recorder)
-    results = _at_once(16, lambda n: group.submit(store, f"key{n}"))
+    results = at_once(16, lambda n: group.submit(store, f"key{n}"))
     assert results == {n: f"KEY{n}" for n in range(16)}
     assert sorted(key for batch in recorder.batches for key in batch) == sorted(
         f"key{n}" for n in range(16)
@@ -83,7 +64,7 @@ def test_an_exception_answer_is_raised_in_its_own_thread_only(store: Store) -> N
     the same transaction are answered and committed."""
     recorder = _Recorder()
     group = GroupCommit(recorder)
-    results = _at_once(6, lambda n: group.submit(store, "bad" if n == 3 else f"ok{n}"))
+    results = at_once(6, lambda n: group.submit(store, "bad" if n == 3 else f"ok{n}"))
     assert isinstance(results.pop(3), ValueError)
     assert results == {n: f"OK{n}" for n in (0, 1, 2, 4, 5)}
     assert "bad" in _attempts(store)  # the writer's own choice: it wrote the row
@@ -108,7 +89,7 @@ def test_a_failed_transaction_is_retried_one_request_at_a_time(store: Store) -> 
     first.start()
     time.sleep(0.1)
     emails = ["dup@example.com", "dup@example.com", "other@example.com"]
-    results = _at_once(3, lambda n: group.submit(store, emails[n]))
+    results = at_once(3, lambda n: group.submit(store, emails[n]))
     first.join()
     assert any(len(batch) == 3 for batch in batches)
     assert sum(isinstance(result, IntegrityError) for result in results.values()) == 1

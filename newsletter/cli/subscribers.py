@@ -32,6 +32,23 @@ def _transaction() -> Iterator[Session]:
         yield session
 
 
+class _Confirmations:
+    """With --pending: confirmation emails queued in the command's transaction (so they
+    exist exactly when the pending rows do) and sent once it has committed."""
+
+    def __init__(self, store: Store, pending: bool) -> None:
+        self.store, self.config = store, settings()
+        self.tokens = signup.make_tokens(self.config, store) if pending else None
+        self.ids: list[int] = []
+
+    def queue(self, session: Session, emails: list[str]) -> None:
+        if self.tokens is not None and emails:
+            self.ids += outbound.queue_confirmations(session, self.config, self.tokens, emails)
+
+    def send(self) -> None:
+        _send_confirmations(self.store, self.ids)
+
+
 def _send_confirmations(store: Store, ids: list[int]) -> None:
     """Send the confirmation emails just queued; exit 1 if some must wait for a retry."""
     if not ids:
@@ -68,18 +85,16 @@ def add(email: str, name: str | None, pending: bool, resubscribe: bool) -> None:
     Example: newsletter subscribers add ada@example.com --name "Ada Lovelace"
     """
     status = "pending" if pending else "active"
-    config = settings()
-    with open_store(config) as store:
-        tokens = signup.make_tokens(config, store) if pending else None
+    with open_store(settings()) as store:
+        confirmations = _Confirmations(store, pending)
         with store.begin() as session:
             subscriber = subscribers.add(
                 session, email, name, status=status, resubscribe=resubscribe
             )
-            queued = []
-            if tokens is not None and subscriber.status == "pending":
-                queued = outbound.queue_confirmations(session, config, tokens, [subscriber.email])
+            if subscriber.status == "pending":
+                confirmations.queue(session, [subscriber.email])
         click.echo(f"{subscriber.email}: {subscriber.status}")
-        _send_confirmations(store, queued)
+        confirmations.send()
 
 
 @group.command()
@@ -153,20 +168,17 @@ def import_(file: Path, pending: bool, resubscribe: bool) -> None:
     Example: newsletter subscribers import subscribers/sample.csv
     """
     status = "pending" if pending else "active"
-    config = settings()
-    with open_store(config) as store:
-        tokens = signup.make_tokens(config, store) if pending else None
+    with open_store(settings()) as store:
+        confirmations = _Confirmations(store, pending)  # a restored backup's pending: no mail
         with store.begin() as session:
             report = subscriber_io.import_csv(
                 session, file, default_status=status, resubscribe=resubscribe
             )
-            queued = []  # only --pending mails: a restored backup's pending rows get nothing
-            if tokens is not None and report.to_confirm:
-                queued = outbound.queue_confirmations(session, config, tokens, report.to_confirm)
+            confirmations.queue(session, report.to_confirm)
         for refused in report.refused:
             click.echo(f"{file}:{refused.line}: {refused.message}", err=True)
         click.echo(f"{file}: {report.summary()}")
-        _send_confirmations(store, queued)
+        confirmations.send()
     sys.exit(1 if report.refused else 0)
 
 
