@@ -43,6 +43,7 @@ from newsletter.message import (
     new_message_id,
     qp_value,
 )
+from newsletter.pacing import backoff
 from newsletter.render import Personalizer, placeholder, template_environment
 from newsletter.store import OutboundMail, Store, Subscriber, utcnow
 from newsletter.subscribers import unsubscribe
@@ -282,7 +283,7 @@ def _record(
             accepted.append(values)
             return
     elif outcome.status == "retry" and attempts < options.max_attempts:
-        delay = min(options.retry_base * 2 ** (attempts - 1), options.retry_max)
+        delay = backoff(attempts, options.retry_base, options.retry_max)
         values |= {"new_status": "queued", "due": now + timedelta(seconds=delay)}
         report.retried += 1
     else:

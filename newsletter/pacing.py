@@ -1,4 +1,5 @@
-"""One pace for all connections: the configured rate, slowed when a provider pushes back.
+"""One pace for all connections: the configured rate, slowed when a provider pushes back;
+and how long one message waits before its next try.
 
 Providers answer 421/451/454 when a sender goes too fast. Failing those deliveries
 would lose mail and retrying at full speed would make it worse, so every worker
@@ -16,6 +17,12 @@ from collections import deque
 MIN_RATE = 0.1  # messages per second: never slower than this
 RECOVERY = 1.25  # the pace grows by 25% per second without a throttling answer
 REACTION = 1.0  # seconds: answers within this long after a slow-down count as one
+
+
+def backoff(attempts: int, base: float, longest: float) -> float:
+    """Seconds before retry number ``attempts`` (1, 2, …) of one message: ``base``, doubled
+    after each failure, at most ``longest``."""
+    return min(base * 2 ** (attempts - 1), longest)
 
 
 class Pacer:

@@ -42,7 +42,7 @@ from newsletter.ledger import (
     waiting_on,
 )
 from newsletter.message import MessageTemplate, Recipient, new_message_id
-from newsletter.pacing import Pacer
+from newsletter.pacing import Pacer, backoff
 from newsletter.render import RenderedIssue, render_issue
 from newsletter.store import Issue, Store, Subscriber, get_or_create_secret_key, utcnow
 from newsletter.tokens import Tokens, unsubscribe_url
@@ -415,14 +415,14 @@ class _Worker:
             mark_bounced(self.db, delivery, self.owner, answer)
             status = "bounced"
         elif outcome.status == "retry" and delivery.attempts < self._attempts_allowed(outcome):
-            backoff = self.options.retry_base * 2 ** (delivery.attempts - 1)
+            delay = backoff(delivery.attempts, self.options.retry_base, self.options.retry_max)
             mark(
                 self.db,
                 delivery.id,
                 self.owner,
                 "queued",
                 last_answer=answer,
-                next_attempt_at=utcnow() + timedelta(seconds=min(backoff, self.options.retry_max)),
+                next_attempt_at=utcnow() + timedelta(seconds=delay),
             )
             status = "retried"
         else:
