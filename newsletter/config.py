@@ -44,6 +44,8 @@ class Settings:
     timezone: str | None = None
     templates_dir: Path | None = None
     misfire_grace: int = 3600
+    claim_timeout: int = 600
+    worker_poll: float = 0.5
     trusted_proxies: int = 0
     allowed_redirects: tuple[str, ...] = ()
     frame_ancestors: tuple[str, ...] = ()
@@ -188,6 +190,8 @@ def load_settings(
         timezone=timezone,
         templates_dir=Path(templates) if templates else None,
         misfire_grace=_int(env, "NEWSLETTER_MISFIRE_GRACE", 3600, minimum=1),
+        claim_timeout=_int(env, "NEWSLETTER_CLAIM_TIMEOUT", 600, minimum=1),
+        worker_poll=_float(env, "NEWSLETTER_WORKER_POLL") or 0.5,
         trusted_proxies=_int(env, "NEWSLETTER_TRUSTED_PROXIES", 0),
         allowed_redirects=_origins(env, "NEWSLETTER_ALLOWED_REDIRECTS"),
         frame_ancestors=_origins(env, "NEWSLETTER_FRAME_ANCESTORS"),

@@ -4,6 +4,7 @@
     ├── ConfigError            a bad NEWSLETTER_* value (exit 2)
     ├── DigestError            a digest that cannot be rendered (exit 2)
     ├── InputError             other bad input: CSV rows, addresses, names, times (exit 2)
+    │   └── InvalidField       one field's value, with the field and the reason apart
     ├── DeliveryError          the send could not finish: SMTP unreachable, login refused (exit 1)
     └── ServiceError           a server process stopped on its own (exit 1)
 
@@ -27,6 +28,14 @@ class DigestError(NewsletterError):
 
 class InputError(NewsletterError):
     """Bad user input other than a digest; the message names the file, line or field."""
+
+
+class InvalidField(InputError):
+    """A value refused: ``field`` names it, ``reason`` says why in words a form can show."""
+
+    def __init__(self, field: str, detail: str, reason: str) -> None:
+        super().__init__(f"{field}: {detail}")
+        self.field, self.reason = field, reason
 
 
 class DeliveryError(NewsletterError):

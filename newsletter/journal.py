@@ -1,20 +1,26 @@
-"""A per-process journal of messages the server accepted but the ledger has not recorded yet.
+"""A sender's journal: the file whose lock says it is alive, and whose lines say which
+messages the server accepted that the ledger may not have recorded yet.
 
 Recording each accepted message in the database before sending the next one costs a
-commit per message, slower than SMTP itself. So workers record "sent" rows in small
-batches, and first append one line per accepted message to this file: a plain
-``write()``, which survives the process being killed (the kernel keeps it) without an
-fsync. When a sender dies, the next sender on the same host replays the dead one's
-journal into the ledger before requeueing its rows, so only messages truly in flight
-at the kill (sent, but the server's answer not yet read) can go twice.
+commit per message, several times a line appended here. So senders record "sent" rows
+in small batches, and first append one line per accepted message to their journal: a
+plain ``write()``, which survives the process being killed (the kernel keeps it).
+
+The sender holds an exclusive ``flock`` on its journal as long as it runs, and the
+kernel drops that lock the moment the process dies, however it dies. So "is that sender
+dead?" is answered by trying to take its lock: whoever gets it replays the journal into
+the ledger before requeueing the dead sender's rows, and only the messages truly in
+flight at the kill (sent, the server's answer not yet read) can go twice.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import re
 import threading
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -33,19 +39,35 @@ def _path(directory: Path, owner: str) -> Path:
 
 
 class Journal:
-    """Append-only lines ``delivery_id TAB message_id TAB unix_time`` for one sending process."""
+    """Append-only lines ``delivery_id TAB message_id TAB unix_time`` of one running sender,
+    locked while it runs."""
 
-    def __init__(self, owner: str, directory: Path | None = None) -> None:
-        self.path = _path(directory or journal_dir(), owner)
+    def __init__(self, owner: str, directory: Path) -> None:
+        self.path = _path(directory, owner)
+        self.keep = False  # set when the ledger may lack what it holds: kept for a replay
         self._fd: int | None = None
         self._lock = threading.Lock()
 
     def open(self) -> None:
-        """Create the file now, before any message goes out (OSError if it cannot be)."""
+        """Create and lock the file before any message goes out (OSError if it cannot be).
+
+        It is locked under a temporary name and then renamed into place, so nobody can
+        find it unlocked and take its owner for dead.
+        """
         with self._lock:
-            if self._fd is None:
-                self.path.parent.mkdir(parents=True, exist_ok=True)
-                self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+            if self._fd is not None:
+                return
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            temporary = self.path.with_suffix(".opening")
+            fd = os.open(temporary, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                os.rename(temporary, self.path)
+            except BaseException:
+                os.close(fd)
+                temporary.unlink(missing_ok=True)
+                raise
+            self._fd = fd
 
     def accepted(self, delivery_id: int, message_id: str, when: float) -> None:
         """Note that the server accepted this delivery's message."""
@@ -56,36 +78,67 @@ class Journal:
             os.write(self._fd, line)
 
     def close(self, keep: bool = False) -> None:
-        """Close it; delete it unless ``keep`` (the ledger may lack what it holds: the next
-        sender replays it)."""
+        """Delete the file (unless ``keep``: the ledger may lack what it holds, and the next
+        sender replays it), then let go of the lock."""
         with self._lock:
-            if self._fd is not None:
-                os.close(self._fd)
-                self._fd = None
+            if self._fd is None:
+                return
             if not keep:
                 self.path.unlink(missing_ok=True)
+            os.close(self._fd)
+            self._fd = None
 
 
-def recover(owner: str, directory: Path | None = None) -> list[tuple[int, str, datetime]]:
-    """The accepted messages a dead sender journaled (a torn last line is ignored)."""
-    path = _path(directory or journal_dir(), owner)
+class Found:
+    """Another sender's journal as :func:`examine` finds it."""
+
+    def __init__(self, path: Path, alive: bool) -> None:
+        self.path, self.alive = path, alive
+
+    def discard(self) -> None:
+        """Delete a dead sender's journal once what it held is in the ledger."""
+        if not self.alive:
+            self.path.unlink(missing_ok=True)
+
+    def entries(self) -> list[tuple[int, str, datetime]]:
+        """The accepted messages it holds (a torn last line is ignored)."""
+        try:
+            text = self.path.read_text("utf-8", "replace")
+        except OSError:
+            return []
+        entries = []
+        for line in text.splitlines():
+            parts = line.split("\t")
+            if len(parts) == 3 and parts[0].isdigit():
+                try:
+                    when = datetime.fromtimestamp(float(parts[2]), UTC)
+                except ValueError:
+                    continue
+                entries.append((int(parts[0]), parts[1], when))
+        return entries
+
+
+@contextlib.contextmanager
+def examine(owner: str, directory: Path) -> Iterator[Found]:
+    """``owner``'s journal on this host: ``alive`` while its sender holds the lock; a dead
+    sender's lock is held here for the block, so nobody else replays it meanwhile."""
+    path = _path(directory, owner)
     try:
-        text = path.read_text("utf-8", "replace")
-    except OSError:
-        return []
-    entries = []
-    for line in text.splitlines():
-        parts = line.split("\t")
-        if len(parts) == 3 and parts[0].isdigit():
-            try:
-                when = datetime.fromtimestamp(float(parts[2]), UTC)
-            except ValueError:
-                continue
-            entries.append((int(parts[0]), parts[1], when))
-    return entries
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    except FileNotFoundError:
+        yield Found(path, alive=False)
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield Found(path, alive=True)
+            return
+        yield Found(path, alive=False)
+    finally:
+        os.close(fd)
 
 
-def discard(owner: str, directory: Path | None = None) -> None:
-    """Delete a dead sender's journal once it has been replayed."""
-    with contextlib.suppress(OSError):  # nothing to delete where nothing could be written
-        _path(directory or journal_dir(), owner).unlink(missing_ok=True)
+def owners(directory: Path) -> list[str]:
+    """The senders with a journal in ``directory``, living or dead."""
+    return [path.stem for path in directory.glob("*.journal")]

@@ -1,24 +1,27 @@
-"""The send ledger: one delivery row per (issue, subscriber) and its life.
+"""The ledger of every message: one delivery row per (issue, subscriber), and one per one-off
+message (a confirmation; no issue, its finished body in the row).
 
     queued ──claim──► sending ──server accepted──► sent
        ▲                 │ 4xx / dropped ─► queued again (next_attempt_at), or failed at last
-       └──release/stale──┘ 5xx ─► failed; 5.1.x ─► bounced (and the subscriber too)
+       └──release/dead───┘ 5xx ─► failed; 5.1.x ─► bounced (and the subscriber too)
 
 A row becomes ``sent`` only after the server accepted its message, and a claim is
 taken and released row by row, never moved past rows that were fetched but not
-sent. So a process killed at any moment leaves at most its in-flight messages in
-doubt: rows it claimed are ``sending`` under its name and go back to ``queued``
-when it is known dead (same host, no such process) or its claim is stale.
+sent. A sender holds locks that die with it (its journal's ``flock``; on PostgreSQL a
+session advisory lock too), so rows claimed by a dead sender are recognised by taking
+its locks and go back to ``queued``, after its journal is replayed; rows of a sender
+that stopped renewing its claim for ``stale`` seconds (paused, hung) go back too, and
+that sender, when it wakes, finds them gone before it sends any of them.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
-import os
-import socket
-import threading
 import uuid
 from base64 import b64decode, b64encode
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -37,91 +40,81 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import Session
 
-from newsletter.journal import discard, recover
+from newsletter.errors import DeliveryError
+from newsletter.journal import Journal, examine, owners
 from newsletter.render import InlineImage, RenderedIssue
-from newsletter.store import Delivery, Issue, Store, Subscriber, delivery_counts, utcnow
+from newsletter.store import (
+    STOPPED_STATUSES,
+    Delivery,
+    Issue,
+    Store,
+    Subscriber,
+    delivery_counts,
+    utcnow,
+)
 from newsletter.subscribers import unsubscribe
 
 OPEN_STATUSES = ("queued", "sending")
-STALE_CLAIM = timedelta(minutes=10)
+MAIL_CHANNEL = "newsletter_mail"  # PostgreSQL NOTIFY channel: one-off mail was queued
 _ISSUE_LOCK = 0x6E6C6973  # PostgreSQL advisory lock held while an issue is created
 
-
-def _process_start(pid: int) -> str | None:
-    """When process ``pid`` started (clock ticks since boot), None if it is gone or a zombie.
-
-    With the pid alone, a restarted container (same host name, same small pid) or a
-    recycled pid would look like the dead sender still at work.
-    """
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
-        return None
-    except OSError:
-        return "?"
-    fields = stat.rpartition(")")[2].split()
-    return None if fields[0] in {"Z", "X"} else fields[19]
-
-
-def _machine() -> str:
-    """This kernel boot and pid namespace: where a pid means the same process as ours."""
-    try:
-        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()[:8]
-        namespace = "".join(ch for ch in os.readlink("/proc/self/ns/pid") if ch.isdigit())
-    except OSError:
-        return "?"
-    return f"{boot}-{namespace}"
-
-
-_LIVE_OWNERS: set[str] = set()  # senders running in this process right now
-_LIVE_LOCK = threading.Lock()
+Scope = int | None  # an issue's id, or None for one-off mail
 
 
 def new_owner() -> str:
-    """A name for a sender, recorded on the rows it claims: host, boot and pid namespace,
-    pid and process start time, and a unique suffix (several senders may share a process)."""
-    pid = os.getpid()
-    started = _process_start(pid) or "?"
-    return f"{socket.gethostname()}:{_machine()}:{pid}:{started}:{uuid.uuid4().hex[:8]}"
+    """A name for one sender, recorded on the rows it claims and naming its locks."""
+    return uuid.uuid4().hex
 
 
-def register_owner(owner: str, live: bool) -> None:
-    """Note that a sender of this process started or finished (see :func:`_owner_is_dead`)."""
-    with _LIVE_LOCK:
-        (_LIVE_OWNERS.add if live else _LIVE_OWNERS.discard)(owner)
+def owner_key(owner: str) -> int:
+    """The PostgreSQL advisory lock key of a sender: a signed 64-bit hash of its name."""
+    return int.from_bytes(hashlib.blake2b(owner.encode(), digest_size=8).digest(), signed=True)
 
 
-def _owner_is_dead(owner: str, me: str) -> bool:
-    """True only when ``owner`` is known to be gone; when in doubt, the stale timeout decides.
+@contextmanager
+def alive_as(store: Store, owner: str, journals: Path) -> Iterator[Journal]:
+    """Hold the locks that say ``owner`` is alive while the block runs: its journal's
+    ``flock`` and, on PostgreSQL, a session advisory lock on a connection of its own (the
+    server lets go of it when the process dies). The journal is kept if the block fails:
+    the next sender replays what it holds."""
+    journal = Journal(owner, journals)
+    try:
+        journal.open()
+    except OSError as exc:
+        raise DeliveryError(
+            f"cannot write the send journal {journal.path}: {exc.strerror or exc}"
+        ) from None
+    clean = False
+    try:
+        with store.engine.connect() as connection:
+            if not store.sqlite:
+                connection.execute(select(func.pg_advisory_lock(owner_key(owner))))
+                connection.commit()
+            yield journal
+            clean = not journal.keep
+    finally:
+        journal.close(keep=not clean)
 
-    Known gone: it ran in this very process and is not running any more, or it ran on
-    this host, in this boot and pid namespace, and its pid is free or now belongs to a
-    process that started at another time.
-    """
-    host, machine, pid, started, _ = [*owner.split(":"), "", "", "", ""][:5]
-    if owner == me or host != socket.gethostname() or machine != _machine() or "?" in machine:
-        return False
-    if not pid.isdigit():
-        return False
-    if int(pid) == os.getpid() and started == _process_start(os.getpid()):
-        with _LIVE_LOCK:
-            return owner not in _LIVE_OWNERS
-    now_started = _process_start(int(pid))
-    if now_started is None:
+
+def owner_alive(db: Connection | Session, owner: str, journals: Path) -> bool:
+    """Whether the sender or worker ``owner`` still holds its locks."""
+    if _owner_alive(db, owner):
         return True
-    return "?" not in (now_started, started) and now_started != started
+    with examine(owner, journals) as found:
+        return found.alive
 
 
 @dataclass(frozen=True)
 class Claimed:
-    """A delivery this process owns until it records an outcome or releases it."""
+    """A delivery this sender owns until it records an outcome or releases it."""
 
     id: int
     subscriber_id: int
     email: str
     attempts: int
     name: str | None
-    active: bool
+    mailable: bool  # the subscriber may still get it (active; for one-off mail: not stopped)
+    body: bytes | None  # one-off mail: the finished message
 
 
 def serialise_rendered(issue: RenderedIssue) -> bytes:
@@ -155,14 +148,6 @@ def load_rendered(blob: bytes) -> RenderedIssue:
     return RenderedIssue(data["subject"], data["preheader"], data["html"], data["text"], images)
 
 
-def _write_lock(connection: Connection) -> None:
-    """Serialise issue creation across processes (two `send` runs started at once)."""
-    if connection.dialect.name == "sqlite":
-        connection.exec_driver_sql("BEGIN IMMEDIATE")
-    else:
-        connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _ISSUE_LOCK})
-
-
 def find_issue(session: Session, digest_name: str, content_hash: str) -> Issue | None:
     """The newest issue of this digest (same file name or same content), unfinished first."""
     query = (
@@ -190,59 +175,94 @@ def create_issue(
     of the same digest first, that one is returned (``created`` False) to be shared.
     One transaction: either the whole ledger exists or nothing does.
     """
-    with store.engine.connect() as connection:
-        _write_lock(connection)
-        with Session(bind=connection, expire_on_commit=False) as session:
-            existing = find_issue(session, digest_name, content_hash)
-            if existing is not None and (existing.status == "sending" or not force):
-                connection.rollback()
-                return existing, False
-            now = utcnow()
-            issue = Issue(
-                digest_path=digest_path,
-                digest_name=digest_name,
-                content_hash=content_hash,
-                subject=rendered.subject,
-                status="sending",
-                created_at=now,
-                started_at=now,
-                rendered=serialise_rendered(rendered),
-            )
-            session.add(issue)
-            session.flush()
-            snapshot = select(
-                literal(issue.id), Subscriber.id, Subscriber.email, literal("queued"), literal(0)
-            ).where(Subscriber.status == "active")
-            columns = ["issue_id", "subscriber_id", "email", "status", "attempts"]
-            result = session.execute(insert(Delivery).from_select(columns, snapshot))
-            issue.recipient_count = result.rowcount
-            session.commit()
-            connection.commit()
-            return issue, True
+    with store.write() as session:
+        if not store.sqlite:
+            session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _ISSUE_LOCK})
+        existing = find_issue(session, digest_name, content_hash)
+        if existing is not None and (existing.status == "sending" or not force):
+            return existing, False
+        now = utcnow()
+        issue = Issue(
+            digest_path=digest_path,
+            digest_name=digest_name,
+            content_hash=content_hash,
+            subject=rendered.subject,
+            status="sending",
+            created_at=now,
+            started_at=now,
+            rendered=serialise_rendered(rendered),
+        )
+        session.add(issue)
+        session.flush()
+        snapshot = select(
+            literal(issue.id), Subscriber.id, Subscriber.email, literal("queued"), literal(0)
+        ).where(Subscriber.status == "active")
+        columns = ["issue_id", "subscriber_id", "email", "status", "attempts"]
+        session.execute(insert(Delivery).from_select(columns, snapshot))
+        # Not the INSERT's rowcount: PostgreSQL's driver reports -1 for INSERT … SELECT.
+        issue.recipient_count = session.scalar(
+            select(func.count()).where(Delivery.issue_id == issue.id)
+        )
+        return issue, True
+
+
+def queue_mail(
+    session: Session, subscriber_id: int, email: str, body: bytes, message_id: str
+) -> int:
+    """Queue one finished message in the caller's transaction (sent once that commits);
+    on PostgreSQL the commit also wakes the workers listening."""
+    delivery_id = session.scalar(
+        insert(Delivery)
+        .values(
+            subscriber_id=subscriber_id,
+            email=email,
+            body=body,
+            message_id=message_id,
+            status="queued",
+            attempts=0,
+            created_at=utcnow(),
+        )
+        .returning(Delivery.id)
+    )
+    if _postgresql(session):
+        session.execute(select(func.pg_notify(MAIL_CHANNEL, "")))
+    return delivery_id
 
 
 _D = Delivery.__table__
 _S = Subscriber.__table__
-_DUE = (
-    select(_D.c.id)
-    .where(_D.c.issue_id == bindparam("b_issue"), _D.c.status == "queued")
-    .where(or_(_D.c.next_attempt_at.is_(None), _D.c.next_attempt_at <= bindparam("b_now")))
-    .order_by(_D.c.id)
-    .limit(bindparam("b_limit"))
-    .with_for_update(skip_locked=True)
-)
-# Prebuilt statements: building an ORM update per message cost more than sending it.
-_CLAIM = (
-    update(_D)
-    .where(_D.c.id.in_(_DUE.scalar_subquery()))
-    .values(
-        status="sending",
-        claimed_by=bindparam("b_owner"),
-        claimed_at=bindparam("b_now"),
-        attempts=_D.c.attempts + 1,
+
+
+def _in_scope(issue_id: Scope):
+    return _D.c.issue_id.is_(None) if issue_id is None else _D.c.issue_id == issue_id
+
+
+def _claim_statement(one_off: bool):
+    due = (
+        select(_D.c.id)
+        .where(_D.c.issue_id.is_(None) if one_off else _D.c.issue_id == bindparam("b_issue"))
+        .where(_D.c.status == "queued")
+        .where(or_(_D.c.next_attempt_at.is_(None), _D.c.next_attempt_at <= bindparam("b_now")))
+        .order_by(_D.c.id)
+        .limit(bindparam("b_limit"))
+        .with_for_update(skip_locked=True)
     )
-    .returning(_D.c.id, _D.c.subscriber_id, _D.c.email, _D.c.attempts)
-)
+    returned = [_D.c.id, _D.c.subscriber_id, _D.c.email, _D.c.attempts]
+    return (
+        update(_D)
+        .where(_D.c.id.in_(due.scalar_subquery()))
+        .values(
+            status="sending",
+            claimed_by=bindparam("b_owner"),
+            claimed_at=bindparam("b_now"),
+            attempts=_D.c.attempts + 1,
+        )
+        .returning(*returned, *([_D.c.body] if one_off else []))
+    )
+
+
+# Prebuilt statements: building an ORM update per message cost more than sending it.
+_CLAIM = {one_off: _claim_statement(one_off) for one_off in (False, True)}
 _PEOPLE = select(_S.c.id, _S.c.name, _S.c.status).where(
     _S.c.id.in_(bindparam("b_ids", expanding=True))
 )
@@ -257,18 +277,19 @@ _MARK_SENT = (
         status="sent",
         claimed_by=None,
         last_answer=bindparam("b_answer"),
-        message_id=bindparam("b_message_id"),
+        message_id=func.coalesce(bindparam("b_message_id"), _D.c.message_id),
         sent_at=bindparam("b_sent_at"),
     )
 )
 
 
-def claim(db: Connection | Session, issue_id: int, owner: str, limit: int) -> list[Claimed]:
-    """Take up to ``limit`` queued deliveries that are due; no other process can take them."""
+def claim(db: Connection | Session, issue_id: Scope, owner: str, limit: int) -> list[Claimed]:
+    """Take up to ``limit`` queued deliveries that are due; no other sender can take them."""
     now = utcnow()
-    rows = db.execute(
-        _CLAIM, {"b_issue": issue_id, "b_now": now, "b_owner": owner, "b_limit": limit}
-    ).all()
+    parameters = {"b_now": now, "b_owner": owner, "b_limit": limit}
+    if issue_id is not None:
+        parameters["b_issue"] = issue_id
+    rows = db.execute(_CLAIM[issue_id is None], parameters).all()
     db.commit()
     if not rows:
         return []
@@ -280,19 +301,21 @@ def claim(db: Connection | Session, issue_id: int, owner: str, limit: int) -> li
     claimed = []
     for row in sorted(rows, key=lambda r: r.id):
         name, status = people.get(row.subscriber_id, (None, None))
+        body = getattr(row, "body", None)
+        mailable = status == "active" or (body is not None and status not in STOPPED_STATUSES)
         claimed.append(
-            Claimed(row.id, row.subscriber_id, row.email, row.attempts, name, status == "active")
+            Claimed(row.id, row.subscriber_id, row.email, row.attempts, name, mailable, body)
         )
     return claimed
 
 
 def record_sent(
-    db: Connection | Session, owner: str, sent: list[tuple[int, str, str, datetime]]
+    db: Connection | Session, owner: str, sent: list[tuple[int, str, str | None, datetime]]
 ) -> None:
     """Mark accepted deliveries sent, many in one statement and one commit.
 
-    ``sent`` holds (delivery id, server answer, message id, time accepted); rows that
-    are no longer this owner's are left alone.
+    ``sent`` holds (delivery id, server answer, message id or None to keep the queued
+    one's, time accepted); rows that are no longer this owner's are left alone.
     """
     if sent:
         db.execute(
@@ -307,8 +330,7 @@ def record_sent(
 
 def mark(db: Connection | Session, delivery_id: int, owner: str, status: str, **values) -> bool:
     """Record a final or retry state for a claimed delivery; False if it was not ours any more."""
-    if status != "sending":
-        values.setdefault("claimed_by", None)
+    values.setdefault("claimed_by", None)
     result = db.execute(
         update(_D)
         .where(_D.c.id == delivery_id, _D.c.status == "sending", _D.c.claimed_by == owner)
@@ -325,51 +347,81 @@ def mark_bounced(db: Connection, claimed: Claimed, owner: str, answer: str) -> N
             session.flush()
 
 
-def _update_claimed(db: Connection | Session, ids: list[int], owner: str, **values) -> None:
-    if ids:
+def release(db: Connection | Session, delivery_ids: list[int], owner: str) -> None:
+    """Give back claimed deliveries that were never sent (a stop before their turn)."""
+    if delivery_ids:
         db.execute(
             update(_D)
-            .where(_D.c.id.in_(ids), _D.c.claimed_by == owner, _D.c.status == "sending")
-            .values(**values)
+            .where(_D.c.id.in_(delivery_ids), _D.c.claimed_by == owner, _D.c.status == "sending")
+            .values(status="queued", claimed_by=None, attempts=_D.c.attempts - 1)
         )
         db.commit()
 
 
-def release(db: Connection | Session, delivery_ids: list[int], owner: str) -> None:
-    """Give back claimed deliveries that were never sent (a stop before their turn)."""
-    _update_claimed(
-        db, delivery_ids, owner, status="queued", claimed_by=None, attempts=_D.c.attempts - 1
-    )
+def renew(db: Connection | Session, delivery_ids: list[int], owner: str) -> set[int]:
+    """Renew this sender's claim on rows it holds; the ids that are still its own (those
+    taken back while it was paused must not be sent by it any more)."""
+    if not delivery_ids:
+        return set()
+    kept = db.execute(
+        update(_D)
+        .where(_D.c.id.in_(delivery_ids), _D.c.claimed_by == owner, _D.c.status == "sending")
+        .values(claimed_at=utcnow())
+        .returning(_D.c.id)
+    ).scalars()
+    held = set(kept)
+    db.commit()
+    return held
 
 
-def touch(db: Connection | Session, delivery_ids: list[int], owner: str) -> None:
-    """Renew this process's claim on rows it still holds, so they never look abandoned."""
-    _update_claimed(db, delivery_ids, owner, claimed_at=utcnow())
+def _postgresql(db: Connection | Session) -> bool:
+    bind = db if isinstance(db, Connection) else db.get_bind()
+    return bind.dialect.name == "postgresql"
+
+
+def _owner_alive(db: Connection | Session, owner: str) -> bool:
+    """PostgreSQL: whether the sender's session still holds its advisory lock (wherever it
+    runs). The try takes a transaction lock, let go at the caller's commit."""
+    if not _postgresql(db):
+        return False
+    got = db.scalar(select(func.pg_try_advisory_xact_lock(owner_key(owner))))
+    return not got
 
 
 def reclaim_abandoned(
-    db: Connection | Session, issue_id: int, me: str = "", journals: Path | None = None
+    db: Connection | Session, issue_id: Scope, me: str, journals: Path, stale: timedelta
 ) -> int:
-    """Requeue deliveries claimed by a process that died (same host) or went silent.
+    """Requeue deliveries claimed by senders that died, or that have not renewed their
+    claims for ``stale``; the number of rows requeued.
 
-    A dead same-host sender's journal is replayed first: what the server accepted is
-    marked sent. What is left may or may not have reached the server before the
-    crash: these in-flight messages are the only ones that can go twice.
+    First what such a sender journaled on this host is marked sent: the server accepted
+    it. What is left may or may not have reached the server: these in-flight messages are
+    the only ones that can go twice.
     """
-    owners = db.scalars(
+    stale_before = utcnow() - stale
+    claimants = db.scalars(
         select(_D.c.claimed_by)
-        .where(_D.c.issue_id == issue_id, _D.c.status == "sending")
+        .where(_in_scope(issue_id), _D.c.status == "sending", _D.c.claimed_by != me)
         .distinct()
     ).all()
-    dead = [owner for owner in owners if owner and _owner_is_dead(owner, me)]
-    for owner in dead:
-        replayed = recover(owner, journals)
-        record_sent(db, owner, [(i, "250 (from the journal)", m, t) for i, m, t in replayed])
-        discard(owner, journals)
-    stale_before = utcnow() - STALE_CLAIM
+    dead = []
+    for owner in claimants:
+        alive_elsewhere = _owner_alive(db, owner)
+        with examine(owner, journals) as found:
+            alive = alive_elsewhere or found.alive
+            if alive and not db.scalar(
+                select(exists().where(_D.c.claimed_by == owner, _D.c.claimed_at < stale_before))
+            ):
+                continue
+            journaled = found.entries()
+            replayed = [(i, "250 (from the journal)", m or None, t) for i, m, t in journaled]
+            record_sent(db, owner, replayed)
+            found.discard()
+        if not alive:
+            dead.append(owner)
     result = db.execute(
         update(_D)
-        .where(_D.c.issue_id == issue_id, _D.c.status == "sending")
+        .where(_in_scope(issue_id), _D.c.status == "sending", _D.c.claimed_by != me)
         .where(or_(_D.c.claimed_by.in_(dead), _D.c.claimed_at < stale_before))
         .values(status="queued", claimed_by=None)
     )
@@ -377,34 +429,47 @@ def reclaim_abandoned(
     return result.rowcount
 
 
-def next_due(session: Session, issue_id: int) -> tuple[int, datetime | None]:
-    """How many deliveries are still open, and when the earliest queued one is due."""
-    open_count, due = session.execute(
-        select(func.count(), func.min(Delivery.next_attempt_at)).where(
-            Delivery.issue_id == issue_id, Delivery.status.in_(OPEN_STATUSES)
-        )
-    ).one()
-    session.commit()
-    return open_count, due
+def forget_dead_journals(db: Connection | Session, journals: Path) -> int:
+    """Delete the journals of dead senders and workers that hold no claim any more (what
+    they journaled is in the ledger); how many."""
+    forgotten = 0
+    for owner in owners(journals):
+        with examine(owner, journals) as found:
+            if found.alive or _owner_alive(db, owner):
+                continue
+            if not db.scalar(select(exists().where(_D.c.claimed_by == owner))):
+                found.discard()
+                forgotten += 1
+        db.commit()
+    return forgotten
 
 
-def waiting_on(session: Session, issue_id: int, owner: str) -> tuple[int, datetime | None]:
+def waiting_on(
+    db: Connection | Session, issue_id: Scope, owner: str
+) -> tuple[int, datetime | None]:
     """Deliveries another worker may still need: queued ones (and when the first is due),
-    plus those claimed by other processes, which this one takes over if they die."""
-    queued, due = session.execute(
-        select(func.count(), func.min(Delivery.next_attempt_at)).where(
-            Delivery.issue_id == issue_id, Delivery.status == "queued"
+    plus those claimed by other senders, which this one takes over if they die."""
+    queued, due = db.execute(
+        select(func.count(), func.min(_D.c.next_attempt_at)).where(
+            _in_scope(issue_id), _D.c.status == "queued"
         )
     ).one()
-    elsewhere = session.scalar(
+    elsewhere = db.scalar(
         select(func.count()).where(
-            Delivery.issue_id == issue_id,
-            Delivery.status == "sending",
-            Delivery.claimed_by != owner,
+            _in_scope(issue_id), _D.c.status == "sending", _D.c.claimed_by != owner
         )
     )
-    session.commit()
+    db.commit()
     return queued + (elsewhere or 0), due
+
+
+def open_count(session: Session, issue_id: Scope) -> int:
+    """How many deliveries are still queued or being sent."""
+    count = session.scalar(
+        select(func.count()).where(_in_scope(issue_id), _D.c.status.in_(OPEN_STATUSES))
+    )
+    session.commit()
+    return count or 0
 
 
 def finish_if_done(session: Session, issue_id: int) -> bool:
@@ -426,6 +491,16 @@ def finish_if_done(session: Session, issue_id: int) -> bool:
     return bool(finished) or session.get(Issue, issue_id).status == "sent"
 
 
+def prune_one_off(session: Session, older_than: timedelta) -> int:
+    """Delete one-off mail that reached a final state ``older_than`` ago: a confirmation
+    link is personal data, and a week after sending it has expired anyway."""
+    return session.execute(
+        Delivery.__table__.delete()
+        .where(_D.c.issue_id.is_(None), _D.c.status.not_in(OPEN_STATUSES))
+        .where(_D.c.created_at < utcnow() - older_than)
+    ).rowcount
+
+
 def describe_issues(session: Session, issue_id: int | None = None) -> list[dict]:
     """Issues, newest first, with live delivery counts (queued, sent, failed, ...)."""
     query = select(Issue).order_by(Issue.id.desc())
@@ -434,6 +509,7 @@ def describe_issues(session: Session, issue_id: int | None = None) -> list[dict]
     described = []
     for issue in session.scalars(query):
         counts = delivery_counts(session, issue.id)
+        final = issue.status == "sent"
         described.append(
             {
                 "id": issue.id,
@@ -442,10 +518,8 @@ def describe_issues(session: Session, issue_id: int | None = None) -> list[dict]
                 "status": issue.status,
                 "recipients": issue.recipient_count,
                 "queued": counts["queued"] + counts["sending"],
-                "sent": counts["sent"] if issue.status != "sent" else issue.sent_count,
-                "failed": counts["failed"] + counts["bounced"]
-                if issue.status != "sent"
-                else issue.failed_count,
+                "sent": issue.sent_count if final else counts["sent"],
+                "failed": issue.failed_count if final else counts["failed"] + counts["bounced"],
                 "skipped": counts["skipped"],
                 "created_at": issue.created_at.isoformat(timespec="seconds"),
                 "finished_at": issue.finished_at.isoformat(timespec="seconds")

@@ -19,17 +19,22 @@ import uuid
 from base64 import encodebytes
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from email.header import Header
-from email.utils import formataddr, formatdate, parseaddr
+from email.utils import format_datetime, parseaddr
 from html import escape
 from urllib.parse import urlsplit
+
+import idna
 
 from newsletter.render import InlineImage, RenderedIssue, placeholder
 
 _PLACEHOLDER = re.compile(rb"@@NL_([A-Z_]+)@@")
 _QP_SAFE = re.compile(r"[!-<>-~]*")  # printable ASCII except '=' and space
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_SPECIALS = re.compile(r'[][\\()<>@,:;".]')  # a display name with one of these is quoted
 _TEXT_FIELDS = re.compile(r"@@NL_(NAME|EMAIL|UNSUBSCRIBE_URL)@@")
+_PLACEHOLDER_TEXT = re.compile(r"@@NL_[A-Z_]+@@")  # in a one-off's finished text: not ours
 CRLF = "\r\n"
 
 
@@ -38,15 +43,30 @@ def clean_header_value(value: str) -> str:
     return _CONTROL.sub(" ", value).strip()
 
 
+def wire_address(address: str) -> str:
+    """The address as it goes on the wire: an internationalised domain in its ASCII
+    (punycode) form. A non-ASCII local part stays as it is: only SMTPUTF8 carries it."""
+    if address.isascii():
+        return address
+    local, at, domain = address.rpartition("@")
+    try:
+        return f"{local}{at}{idna.encode(domain, uts46=True).decode('ascii')}"
+    except idna.IDNAError:
+        return address
+
+
 def address_header(name: str | None, address: str) -> str:
-    """``Name <addr>`` with a non-ASCII display name RFC 2047-encoded (no CR/LF possible)."""
+    """``Name <addr>`` for a header: the name quoted or RFC 2047-encoded as it needs, the
+    address in its wire form (no CR/LF possible)."""
     name = clean_header_value(name or "")
-    address = clean_header_value(address)
+    address = wire_address(clean_header_value(address))
     if not name:
         return address
-    if name.isascii():
-        return formataddr((name, address))
-    return f"{encode_header('To', name)} <{address}>"
+    if not name.isascii():
+        name = encode_header("To", name)
+    elif _SPECIALS.search(name):
+        name = '"' + name.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return f"{name} <{address}>"
 
 
 def encode_header(name: str, value: str) -> str:
@@ -167,7 +187,7 @@ class WireTemplate:
 
 
 class HeaderClock:
-    """The Date header value, formatted at most once per second."""
+    """The Date header value (RFC 5322, ``+0000``), formatted at most once per second."""
 
     def __init__(self) -> None:
         self._date = (0, "")
@@ -175,8 +195,29 @@ class HeaderClock:
     def now(self) -> str:
         second = int(time.time())
         if self._date[0] != second:
-            self._date = (second, formatdate(second, localtime=False, usegmt=True))
+            self._date = (second, format_datetime(datetime.fromtimestamp(second, UTC)))
         return self._date[1]
+
+
+def headers(
+    *, from_address: str, subject: str, reply_to: str | None = None, extra: Sequence[str] = ()
+) -> list[str]:
+    """The header lines every message carries, in order, with placeholders for what differs
+    per copy (``to_header``, ``date``, ``message_id``); ``extra`` lines go before MIME-Version."""
+    lines = [
+        f"From: {address_header(*parseaddr(from_address))}",
+        f"To: {placeholder('to_header')}",
+        f"Subject: {encode_header('Subject', subject)}",
+        f"Date: {placeholder('date')}",
+        f"Message-ID: <{placeholder('message_id')}>",
+    ]
+    if reply_to:
+        lines.append(f"Reply-To: {address_header(*parseaddr(reply_to))}")
+    return [*lines, *extra, "MIME-Version: 1.0"]
+
+
+def _domain(envelope_from: str) -> str:
+    return envelope_from.rpartition("@")[2] or "localhost"
 
 
 class MessageTemplate:
@@ -192,26 +233,21 @@ class MessageTemplate:
         reply_to: str | None = None,
     ) -> None:
         self.envelope_from = envelope_address(from_address)
-        self.domain = self.envelope_from.rpartition("@")[2] or "localhost"
+        self.domain = _domain(self.envelope_from)
         list_host = urlsplit(site_url).hostname or self.domain
         slug = re.sub(r"[^a-z0-9]+", "-", list_name.lower()).strip("-") or "newsletter"
-        headers = [
-            f"From: {address_header(*parseaddr(from_address))}",
-            f"To: {placeholder('to_header')}",
-            f"Subject: {encode_header('Subject', issue.subject)}",
-            f"Date: {placeholder('date')}",
-            f"Message-ID: <{placeholder('message_id')}>",
-        ]
-        if reply_to:
-            headers.append(f"Reply-To: {address_header(*parseaddr(reply_to))}")
-        headers += [
-            f"List-Id: {address_header(list_name, f'{slug}.{list_host}')}",
-            f"List-Unsubscribe: <{placeholder('header_unsubscribe_url')}>",
-            "List-Unsubscribe-Post: List-Unsubscribe=One-Click",
-            "MIME-Version: 1.0",
-        ]
+        lines = headers(
+            from_address=from_address,
+            subject=issue.subject,
+            reply_to=reply_to,
+            extra=(
+                f"List-Id: {address_header(list_name, f'{slug}.{list_host}')}",
+                f"List-Unsubscribe: <{placeholder('header_unsubscribe_url')}>",
+                "List-Unsubscribe-Post: List-Unsubscribe=One-Click",
+            ),
+        )
         text = _TEXT_FIELDS.sub(r"@@NL_TEXT_\1@@", issue.text)
-        self._wire = WireTemplate(headers, text, issue.html, issue.images)
+        self._wire = WireTemplate(lines, text, issue.html, issue.images)
         self._clock = HeaderClock()
 
     def build(self, recipient: Recipient) -> bytes:
@@ -231,3 +267,28 @@ class MessageTemplate:
             "text_email": qp_value(recipient.email),
         }
         return self._wire.fill(values)
+
+
+def one_off(
+    *,
+    from_address: str,
+    to: str,
+    subject: str,
+    text: str,
+    html: str,
+    reply_to: str | None = None,
+    extra: Sequence[str] = (),
+) -> tuple[bytes, str]:
+    """A single message (a confirmation, a welcome) as SMTP wire bytes, and its Message-ID.
+
+    ``To`` is the bare address: whatever else a visitor typed never heads mail to a stranger.
+    """
+    message_id = new_message_id(_domain(envelope_address(from_address)))
+    lines = headers(from_address=from_address, subject=subject, reply_to=reply_to, extra=extra)
+    wire = WireTemplate(lines, _PLACEHOLDER_TEXT.sub("", text), _PLACEHOLDER_TEXT.sub("", html))
+    values = {
+        "to_header": address_header(None, to),
+        "date": HeaderClock().now(),
+        "message_id": message_id,
+    }
+    return wire.fill(values), message_id

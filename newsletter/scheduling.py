@@ -1,48 +1,52 @@
-"""Scheduled sends with APScheduler 3, its jobs kept in the subscribers' database.
+"""Scheduled sends: the ``schedules`` table says what runs when, and any number of workers
+run each run once.
 
-A job carries only a schedule id and calls :func:`run_schedule`, which takes the
-schedule with an atomic conditional update first: with two schedulers on one
-database by mistake, the loser logs and stops. The send itself is the very same
-library call as ``newsletter send`` (plan, create the ledger, deliver), rendered
-from the digest as it is at send time.
+``schedule add``, ``list`` and ``cancel`` only read and write that table. A worker's
+:class:`Scheduler` looks at it every tick (with a clock tests can set): a one-off due at
+``run_at``, or a cron schedule whose next fire time after its last run has come, is
+claimed with one conditional update, so of several workers exactly one wins each run,
+and runs in a thread of its own. The send is the very same call as ``newsletter send``
+(:func:`newsletter.sender.send_issue`), rendered from the digest as it is at send time.
 
-Misfires are deliberate: a one-off send missed while the scheduler was down runs
-once on start if it is less than ``NEWSLETTER_MISFIRE_GRACE`` late, otherwise it is
-marked ``missed`` and reported; cron runs missed while down are coalesced into one.
+A run is claimed in the name of its worker, which holds locks that die with it (see
+:mod:`newsletter.ledger`): a run whose worker died is taken over by another worker (or
+the same one, restarted) and its issue resumed. A run the SMTP server refused, or that
+stopped with deliveries left, is tried again after :data:`RETRY_DELAY` by its worker.
+
+Misfires are deliberate: a one-off missed while no worker ran is still sent if less
+than ``NEWSLETTER_MISFIRE_GRACE`` late, otherwise marked ``missed``; cron fire times
+missed while down are coalesced into one run, or reported as missed past the grace.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
+from zoneinfo import ZoneInfo
 
-from apscheduler.events import EVENT_JOB_ERROR, EVENT_JOB_MISSED, JobExecutionEvent
-from apscheduler.jobstores.memory import MemoryJobStore
-from apscheduler.jobstores.sqlalchemy import SQLAlchemyJobStore
-from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.cron import CronTrigger
-from apscheduler.triggers.date import DateTrigger
-from sqlalchemy import delete, or_, select, update
+from sqlalchemy import select, update
 from tzlocal import get_localzone
 
-from newsletter.config import Settings, load_settings
+from newsletter.config import Settings
 from newsletter.digest import load_digest
 from newsletter.errors import DeliveryError, DigestError, InputError, NewsletterError
-from newsletter.ledger import find_issue
-from newsletter.sender import Sender, check_transport, content_hash, plan_send, start_send
-from newsletter.store import Issue, Schedule, Store, open_store, utcnow
+from newsletter.journal import journal_dir
+from newsletter.ledger import alive_as, find_issue, new_owner, owner_alive
+from newsletter.sender import content_hash, plan_send, send_issue
+from newsletter.store import Issue, Schedule, Store, utcnow
 
 log = logging.getLogger("newsletter.scheduler")
 
-JOB_FUNCTION = "newsletter.scheduling:run_schedule"
-CLAIM_GAP = timedelta(seconds=30)  # two schedulers firing one run are seconds apart, not minutes
+RETRY_DELAY = 60.0  # seconds before a refused or interrupted run is tried again
 _CRON_DAYS = ("sun", "mon", "tue", "wed", "thu", "fri", "sat")
-_STOP = threading.Event()  # set when the scheduler process is asked to stop
-_RUNNING: dict[str, BackgroundScheduler] = {}  # the scheduler of this process, while it runs
-RETRY_DELAY = 60.0  # seconds before an interrupted or refused scheduled send is tried again
+_SECOND = timedelta(seconds=1)
 
 
 @dataclass(frozen=True)
@@ -57,12 +61,8 @@ class ScheduleView:
     last_result: str | None
 
 
-def _job_id(schedule_id: int) -> str:
-    return f"schedule-{schedule_id}"
-
-
-def _zone(settings: Settings):
-    return settings.tz or get_localzone()
+def _zone(name: str | None) -> ZoneInfo:
+    return ZoneInfo(name) if name else get_localzone()
 
 
 def parse_when(value: str, settings: Settings, now: datetime | None = None) -> datetime:
@@ -74,7 +74,7 @@ def parse_when(value: str, settings: Settings, now: datetime | None = None) -> d
             f"--at: {value!r} is not an ISO 8601 time (e.g. 2026-12-01T09:00)"
         ) from None
     if when.tzinfo is None:
-        when = when.replace(tzinfo=_zone(settings))
+        when = when.replace(tzinfo=_zone(settings.timezone))
     if when <= (now or utcnow()):
         raise InputError(f"--at: {value} is in the past")
     return when
@@ -103,7 +103,7 @@ def _weekday_set(field: str) -> set[int]:
     return days
 
 
-def cron_trigger(expression: str, settings: Settings) -> CronTrigger:
+def cron_trigger(expression: str, timezone: str | None) -> CronTrigger:
     """A trigger for a standard 5-field crontab line (Sunday is 0 or 7, as cron means it).
 
     A sixth leading field, seconds, is accepted too ("*/30 * * * * *").
@@ -129,153 +129,87 @@ def cron_trigger(expression: str, settings: Settings) -> CronTrigger:
             day=day,
             month=month,
             day_of_week=days,
-            timezone=_zone(settings),
+            timezone=_zone(timezone),
         )
     except (ValueError, KeyError) as exc:
         raise InputError(f"--cron: {expression!r} is not a valid cron expression ({exc})") from None
 
 
-def _scheduler(store: Store, settings: Settings) -> BackgroundScheduler:
-    return BackgroundScheduler(
-        jobstores={"default": SQLAlchemyJobStore(engine=store.engine), "memory": MemoryJobStore()},
-        job_defaults={
-            "coalesce": True,
-            "max_instances": 1,
-            "misfire_grace_time": settings.misfire_grace,
-        },
-        timezone=_zone(settings),
-    )
-
-
-class _Jobs:
-    """A paused scheduler, for the CLI to add, list and remove jobs without running them."""
-
-    def __init__(self, store: Store, settings: Settings) -> None:
-        self.scheduler = _scheduler(store, settings)
-
-    def __enter__(self) -> BackgroundScheduler:
-        self.scheduler.start(paused=True)
-        return self.scheduler
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.scheduler.shutdown(wait=False)
-
-
-def _add(store: Store, settings: Settings, schedule: Schedule, trigger) -> int:
-    """Store the schedule, then its job; a job that cannot be stored leaves no schedule."""
-    with store.begin() as session:
-        session.add(schedule)
-        session.flush()
-        schedule_id = schedule.id
-    try:
-        with _Jobs(store, settings) as jobs:
-            jobs.add_job(
-                JOB_FUNCTION,
-                trigger,
-                args=[schedule_id],
-                id=_job_id(schedule_id),
-                replace_existing=True,
-            )
-    except BaseException:
-        with store.begin() as session:
-            session.execute(delete(Schedule).where(Schedule.id == schedule_id))
-        raise
-    return schedule_id
+def _next_fire(schedule: Schedule, after: datetime) -> datetime | None:
+    """A cron schedule's first fire time strictly after ``after``."""
+    trigger = cron_trigger(schedule.cron or "", schedule.timezone)
+    return trigger.get_next_fire_time(None, after + timedelta(microseconds=1))
 
 
 def add_once(store: Store, settings: Settings, digest: Path, when: datetime) -> int:
     """Schedule one digest at ``when``; the digest must exist and be readable now."""
     load_digest(digest)
-    schedule = Schedule(
-        kind="once",
-        digest_path=str(digest.resolve()),
-        run_at=when,
-        timezone=settings.timezone,
-        status="scheduled",
+    return _insert(
+        store,
+        Schedule(
+            kind="once",
+            digest_path=str(digest.resolve()),
+            run_at=when,
+            timezone=settings.timezone,
+            status="scheduled",
+        ),
     )
-    return _add(store, settings, schedule, DateTrigger(run_date=when))
 
 
 def add_cron(store: Store, settings: Settings, expression: str, directory: Path) -> int:
     """Schedule a folder: each run sends its newest digest that was never sent."""
-    trigger = cron_trigger(expression, settings)
+    cron_trigger(expression, settings.timezone)
     if not directory.is_dir():
         raise InputError(f"--dir: {directory} is not a directory")
-    schedule = Schedule(
-        kind="cron",
-        directory=str(directory.resolve()),
-        cron=expression,
-        timezone=settings.timezone,
-        status="scheduled",
+    return _insert(
+        store,
+        Schedule(
+            kind="cron",
+            directory=str(directory.resolve()),
+            cron=expression,
+            timezone=settings.timezone,
+            status="scheduled",
+            created_at=utcnow(),
+        ),
     )
-    return _add(store, settings, schedule, trigger)
 
 
-def list_schedules(store: Store, settings: Settings) -> list[ScheduleView]:
-    """Every schedule with its next run (in the scheduler's zone) and its last result."""
-    with _Jobs(store, settings) as jobs:
-        next_runs = {job.id: job.next_run_time for job in jobs.get_jobs()}
+def _insert(store: Store, schedule: Schedule) -> int:
+    with store.begin() as session:
+        session.add(schedule)
+        session.flush()
+        return schedule.id
+
+
+def list_schedules(store: Store, now: datetime | None = None) -> list[ScheduleView]:
+    """Every schedule with its next run and its last result."""
+    now = now or utcnow()
     with store.session() as session:
         schedules = session.scalars(select(Schedule).order_by(Schedule.id)).all()
-    return [
-        ScheduleView(
-            s.id,
-            s.kind,
-            s.digest_path if s.kind == "once" else f"newest unsent in {s.directory} ({s.cron})",
-            s.status,
-            next_runs.get(_job_id(s.id)),
-            s.last_result,
-        )
-        for s in schedules
-    ]
+    views = []
+    for s in schedules:
+        next_run = None
+        if s.status == "scheduled":
+            next_run = s.run_at if s.kind == "once" else _next_fire(s, max(_last(s), now))
+        what = s.digest_path if s.kind == "once" else f"newest unsent in {s.directory} ({s.cron})"
+        views.append(ScheduleView(s.id, s.kind, what or "", s.status, next_run, s.last_result))
+    return views
 
 
-def cancel(store: Store, settings: Settings, schedule_id: int) -> None:
-    """Cancel a schedule that has not started; a running send is finished, not cut."""
+def cancel(store: Store, schedule_id: int) -> None:
+    """Cancel a schedule; a one-off already running is finished, not cut."""
     with store.begin() as session:
         schedule = session.get(Schedule, schedule_id)
         if schedule is None:
             raise InputError(f"schedule {schedule_id}: no such schedule")
-        if schedule.status not in {"scheduled", "missed", "failed"} and schedule.kind == "once":
+        if schedule.kind == "once" and schedule.status not in {"scheduled", "missed", "failed"}:
             raise InputError(f"schedule {schedule_id} is {schedule.status}; it cannot be cancelled")
         schedule.status = "cancelled"
-    with _Jobs(store, settings) as jobs:
-        if jobs.get_job(_job_id(schedule_id)) is not None:
-            jobs.remove_job(_job_id(schedule_id))
 
 
-def _claim_gap(schedule: Schedule, settings: Settings) -> timedelta:
-    """How long after one run another scheduler's run of it counts as the same one:
-    30 s, or half the cron's interval when it fires more often than once a minute."""
-    trigger = cron_trigger(schedule.cron, settings)
-    first = trigger.get_next_fire_time(None, utcnow())
-    second = trigger.get_next_fire_time(first, first + timedelta(seconds=1))
-    return min(CLAIM_GAP, (second - first) / 2) if first and second else CLAIM_GAP
-
-
-def _claim(store: Store, settings: Settings, schedule_id: int) -> Schedule | None:
-    """Take the schedule for this run, atomically; None when another scheduler has it."""
-    now = utcnow()
-    with store.begin() as session:
-        schedule = session.get(Schedule, schedule_id)
-        if schedule is None or schedule.status in {"cancelled", "done"}:
-            return None
-        query = update(Schedule).where(Schedule.id == schedule_id)
-        if schedule.kind == "once":
-            query = query.where(Schedule.status == "scheduled")
-        else:
-            query = query.where(
-                or_(
-                    Schedule.last_run_at.is_(None),
-                    Schedule.last_run_at < now - _claim_gap(schedule, settings),
-                )
-            )
-        taken = session.execute(query.values(last_run_at=now, status="running")).rowcount
-        if not taken:
-            return None
-        session.refresh(schedule)
-        session.expunge(schedule)
-        return schedule
+def _last(schedule: Schedule) -> datetime:
+    """When a cron schedule last fired (or was made): its next run comes after this."""
+    return schedule.last_run_at or schedule.created_at
 
 
 def _published(digest, path: Path) -> datetime:
@@ -289,11 +223,11 @@ def _published(digest, path: Path) -> datetime:
     return datetime.fromtimestamp(path.stat().st_mtime).astimezone()
 
 
-def newest_unsent(store: Store, directory: Path) -> Path | None:
+def newest_unsent(store: Store, directory: Path, now: datetime | None = None) -> Path | None:
     """The newest published digest in ``directory`` never sent: drafts (``draft: true``)
     and posts dated in the future wait, as they do on the blog itself."""
     candidates = []
-    now = utcnow()
+    now = now or utcnow()
     for path in directory.glob("*.md"):
         try:
             digest = load_digest(path)
@@ -313,178 +247,229 @@ def newest_unsent(store: Store, directory: Path) -> Path | None:
     return None
 
 
-def _finish(store: Store, schedule_id: int, **values) -> None:
-    """Record a run's outcome; a schedule cancelled meanwhile stays cancelled."""
-    with store.begin() as session:
-        session.execute(
-            update(Schedule)
-            .where(Schedule.id == schedule_id, Schedule.status != "cancelled")
-            .values(**values)
+class Scheduler:
+    """The scheduled sends of one worker: :meth:`tick` claims what is due and runs it.
+
+    ``clock`` gives the current time (aware UTC); tests set it instead of waiting.
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        settings: Settings,
+        *,
+        stop: threading.Event | None = None,
+        clock: Callable[[], datetime] = utcnow,
+        sender_options: dict | None = None,
+    ) -> None:
+        self.store, self.settings, self.clock = store, settings, clock
+        self.stop = stop or threading.Event()
+        self.sender_options = sender_options or {}
+        self.owner = new_owner()
+        self.journals = journal_dir(settings.database_url)
+        self.grace = timedelta(seconds=settings.misfire_grace)
+        self._threads: dict[int, threading.Thread] = {}
+        self._retry_at: dict[int, float] = {}
+
+    @contextmanager
+    def running(self) -> Iterator[Scheduler]:
+        """Hold this worker's locks while the block runs (its claims count as alive), and
+        until the runs it started have ended."""
+        with alive_as(self.store, self.owner, self.journals):
+            try:
+                yield self
+            finally:
+                self.join()
+
+    def join(self, timeout: float | None = None) -> None:
+        """Wait for the runs in progress to end."""
+        for thread in list(self._threads.values()):
+            thread.join(timeout)
+
+    def tick(self) -> list[threading.Thread]:
+        """Claim every run that is due now and start each in a thread; the threads."""
+        started = []
+        with self.store.session() as session:
+            schedules = session.scalars(
+                select(Schedule).where(Schedule.status.in_(("scheduled", "running")))
+            ).all()
+        now = self.clock()
+        for schedule in schedules:
+            if self.stop.is_set():
+                break
+            thread = self._threads.get(schedule.id)
+            if thread is not None and thread.is_alive():
+                continue
+            if self._take(schedule, now):
+                started.append(self._start(schedule.id))
+        return started
+
+    def _take(self, schedule: Schedule, now: datetime) -> bool:
+        """Whether this worker runs ``schedule`` now: a run of its own due for a retry, a run
+        whose worker died, or a new run it claimed."""
+        if schedule.status == "running":
+            if schedule.claimed_by == self.owner:
+                return time.monotonic() >= self._retry_at.get(schedule.id, 0.0)
+            return self._take_over(schedule)
+        if schedule.kind == "once":
+            return self._claim_once(schedule, now)
+        return self._claim_cron(schedule, now)
+
+    def _claim(self, schedule: Schedule, **values) -> bool:
+        """The conditional update that makes a run this worker's, or nobody's."""
+        with self.store.begin() as session:
+            taken = session.execute(
+                update(Schedule)
+                .where(Schedule.id == schedule.id, Schedule.status == schedule.status)
+                .where(
+                    Schedule.last_run_at.is_(None)
+                    if schedule.last_run_at is None
+                    else Schedule.last_run_at == schedule.last_run_at
+                )
+                .where(
+                    Schedule.claimed_by.is_(None)
+                    if schedule.claimed_by is None
+                    else Schedule.claimed_by == schedule.claimed_by
+                )
+                .values(**values)
+            ).rowcount
+        if not taken:
+            log.info("schedule %s: taken by another worker", schedule.id)
+        return bool(taken)
+
+    def _claim_once(self, schedule: Schedule, now: datetime) -> bool:
+        if schedule.run_at is None or schedule.run_at > now:
+            return False
+        late = now - schedule.run_at
+        if late > self.grace:
+            if self._claim(schedule, status="missed", last_result=_missed(late)):
+                log.warning(
+                    "schedule %s: missed its time %s by %s (more than "
+                    "NEWSLETTER_MISFIRE_GRACE=%ss); not sent",
+                    schedule.id,
+                    schedule.run_at.isoformat(timespec="seconds"),
+                    _duration(late),
+                    self.settings.misfire_grace,
+                )
+            return False
+        return self._claim(schedule, status="running", claimed_by=self.owner, last_run_at=now)
+
+    def _claim_cron(self, schedule: Schedule, now: datetime) -> bool:
+        first = _next_fire(schedule, _last(schedule))
+        if first is None or first > now:
+            return False
+        fire = _next_fire(schedule, max(first, now - self.grace) - _SECOND)
+        if fire is None or fire > now:  # every fire time since the last run is past the grace
+            if self._claim(schedule, last_run_at=now, last_result=_missed(now - first)):
+                log.warning("schedule %s: missed its run at %s; not sent", schedule.id, first)
+            return False
+        while (following := _next_fire(schedule, fire)) is not None and following <= now:
+            fire = following  # runs missed while down are coalesced into the latest
+        return self._claim(schedule, status="running", claimed_by=self.owner, last_run_at=fire)
+
+    def _take_over(self, schedule: Schedule) -> bool:
+        """A run whose worker is dead becomes this worker's (the issue is resumed)."""
+        with self.store.session() as session:
+            if not schedule.claimed_by or owner_alive(session, schedule.claimed_by, self.journals):
+                return False
+        if self._claim(schedule, claimed_by=self.owner):
+            log.info("schedule %s: resuming a run its worker left unfinished", schedule.id)
+            return True
+        return False
+
+    def _start(self, schedule_id: int) -> threading.Thread:
+        thread = threading.Thread(
+            target=self.run, args=(schedule_id,), name=f"newsletter-schedule-{schedule_id}"
         )
+        self._threads[schedule_id] = thread
+        thread.start()
+        return thread
 
-
-def _after_run(schedule: Schedule) -> str:
-    """A one-off is done after its run; a cron schedule waits for its next time."""
-    return "done" if schedule.kind == "once" else "scheduled"
-
-
-def run_schedule(schedule_id: int) -> None:
-    """The job: claim the schedule, pick the digest, send it to the end (or until stopped)."""
-    settings = load_settings()
-    with open_store(settings) as store:
-        schedule = _claim(store, settings, schedule_id)
-        if schedule is None:
-            log.info("schedule %s: taken by another scheduler or no longer active", schedule_id)
-            return
-        _run(store, settings, schedule)
-
-
-def _run(store: Store, settings: Settings, schedule: Schedule) -> None:
-    once = schedule.kind == "once"
-    path = Path(schedule.digest_path) if once else newest_unsent(store, Path(schedule.directory))
-    if path is None:
-        log.info("schedule %s: nothing new in %s", schedule.id, schedule.directory)
-        _finish(store, schedule.id, status="scheduled", last_result="nothing new to send")
-        return
-    try:
-        plan = plan_send(store, settings, path)
-        sender = Sender(store, settings, stop=_STOP)
-        check_transport(sender.factory)
-    except DeliveryError as exc:  # the server is down or refuses us: try again later
-        log.error("schedule %s: %s; retrying in %ss", schedule.id, exc, int(RETRY_DELAY))
-        _finish(store, schedule.id, last_result=f"will retry: {exc}")
-        _retry_later(schedule.id)
-        return
-    except NewsletterError as exc:
-        _failed(store, schedule, exc)
-        return
-    try:
-        issue_id = start_send(store, plan)
-        _finish(store, schedule.id, last_issue_id=issue_id)
-        log.info("schedule %s: sending %s as issue %s", schedule.id, path.name, issue_id)
-        report = sender.run(issue_id)
-    except NewsletterError as exc:
-        _failed(store, schedule, exc)
-        return
-    result = (
-        f"issue {issue_id}: sent {report.sent}, failed {report.failed + report.bounced}, "
-        f"skipped {report.skipped}, still queued {report.open}"
-    )
-    log.info("schedule %s: %s", schedule.id, result)
-    if report.finished:
-        _finish(store, schedule.id, status=_after_run(schedule), last_result=result)
-    else:
-        _finish(store, schedule.id, last_result=f"{result}; to be resumed")
-        _retry_later(schedule.id)
-
-
-def _failed(store: Store, schedule: Schedule, exc: NewsletterError) -> None:
-    """A run that cannot succeed as things are (bad digest, already sent): say why."""
-    log.error("schedule %s: %s", schedule.id, exc)
-    status = "failed" if schedule.kind == "once" else "scheduled"
-    _finish(store, schedule.id, status=status, last_result=f"error: {exc}")
-
-
-def _retry_later(schedule_id: int) -> None:
-    """Resume this schedule's send after ``RETRY_DELAY``, unless the scheduler is stopping
-    (then the next start resumes it)."""
-    scheduler = _RUNNING.get("scheduler")
-    if scheduler is None or _STOP.is_set():
-        return
-    scheduler.add_job(
-        resume_interrupted,
-        DateTrigger(run_date=utcnow() + timedelta(seconds=RETRY_DELAY)),
-        args=[schedule_id],
-        id=f"resume-{schedule_id}",
-        replace_existing=True,
-        jobstore="memory",
-    )
-
-
-def resume_interrupted(schedule_id: int) -> None:
-    """On start: finish a scheduled send that a stop or a crash left unfinished."""
-    settings = load_settings()
-    with open_store(settings) as store:
-        with store.session() as session:
+    def run(self, schedule_id: int) -> None:
+        """One run of a schedule this worker holds: pick the digest, send it to the end (or
+        until stopped), and record how it went."""
+        with self.store.session() as session:
             schedule = session.get(Schedule, schedule_id)
             issue = session.get(Issue, schedule.last_issue_id) if schedule.last_issue_id else None
-        if issue is None:
-            _run(store, settings, schedule)
-            return
-        if issue.status != "sending":
-            _finish(store, schedule_id, status=_after_run(schedule))
-            return
-        log.info("schedule %s: resuming issue %s", schedule_id, issue.id)
-        sender = Sender(store, settings, stop=_STOP)
         try:
-            check_transport(sender.factory)
-            report = sender.run(issue.id)
-        except DeliveryError as exc:
-            log.error("schedule %s: %s; retrying in %ss", schedule_id, exc, int(RETRY_DELAY))
-            _retry_later(schedule_id)
-            return
-        if report.finished:
-            _finish(
-                store,
-                schedule_id,
-                status=_after_run(schedule),
-                last_result=f"issue {issue.id}: finished after being resumed",
+            if issue is not None and issue.status != "sending":
+                self._finish(schedule, f"issue {issue.id}: {issue.status}")
+                return
+            path = self._digest(schedule, issue)
+            if path is None:
+                self._finish(schedule, f"nothing new in {schedule.directory}")
+                return
+            plan = plan_send(self.store, self.settings, path)
+            report = send_issue(
+                self.store,
+                self.settings,
+                plan,
+                stop=self.stop,
+                on_started=lambda issue_id: self._record(schedule_id, last_issue_id=issue_id),
+                **self.sender_options,
             )
-        else:
-            _retry_later(schedule_id)
-
-
-def _on_missed(store: Store, settings: Settings, event: JobExecutionEvent) -> None:
-    if not event.job_id.startswith("schedule-"):
-        return
-    schedule_id = int(event.job_id.removeprefix("schedule-"))
-    late = utcnow() - event.scheduled_run_time
-    log.warning(
-        "schedule %s: missed its time %s by %s (more than NEWSLETTER_MISFIRE_GRACE=%ss); not sent",
-        schedule_id,
-        event.scheduled_run_time.isoformat(timespec="seconds"),
-        str(late).split(".")[0],
-        settings.misfire_grace,
-    )
-    with store.begin() as session:
-        schedule = session.get(Schedule, schedule_id)
-        if schedule is not None and schedule.kind == "once" and schedule.status == "scheduled":
-            schedule.status = "missed"
-            schedule.last_result = f"missed by {str(late).split('.')[0]}; not sent"
-
-
-def run_scheduler(settings: Settings, stop: threading.Event, poll: float = 1.0) -> None:
-    """Run until ``stop`` is set: fire due jobs, resume interrupted sends, stop cleanly."""
-    _STOP.clear()
-    with open_store(settings) as store:
-        scheduler = _scheduler(store, settings)
-        scheduler.add_listener(lambda e: _on_missed(store, settings, e), EVENT_JOB_MISSED)
-        scheduler.add_listener(
-            lambda e: log.error("job %s failed: %s", e.job_id, e.exception), EVENT_JOB_ERROR
+        except DeliveryError as exc:  # the server is down or refuses us: try again later
+            self._later(schedule, f"will retry: {exc}")
+            return
+        except NewsletterError as exc:
+            self._failed(schedule, f"error: {exc}")
+            return
+        except Exception as exc:  # never a run left 'running' for ever
+            log.exception("schedule %s: the run failed", schedule_id)
+            self._failed(schedule, f"error: {type(exc).__name__}: {exc}")
+            return
+        result = (
+            f"issue {report.issue_id}: sent {report.sent}, failed "
+            f"{report.failed + report.bounced}, skipped {report.skipped}, "
+            f"still queued {report.open}"
         )
-        with store.session() as session:
-            running = session.scalars(select(Schedule.id).where(Schedule.status == "running"))
-            interrupted = list(running)
-        _RUNNING["scheduler"] = scheduler
-        scheduler.start(paused=True)
-        jobs = scheduler.get_jobs(jobstore="default")
-        for job in jobs:  # the grace in force is this process's, not the one at `schedule add`
-            job.modify(misfire_grace_time=settings.misfire_grace)
-        scheduler.resume()
-        log.info("scheduler started; %d job(s) in the database", len(jobs))
-        for schedule_id in interrupted:
-            scheduler.add_job(
-                resume_interrupted,
-                args=[schedule_id],
-                id=f"resume-{schedule_id}",
-                replace_existing=True,
-                jobstore="memory",
+        if report.finished:
+            self._finish(schedule, result)
+        else:
+            self._later(schedule, f"{result}; to be resumed")
+
+    def _digest(self, schedule: Schedule, issue: Issue | None) -> Path | None:
+        if issue is not None:
+            return Path(issue.digest_path)
+        if schedule.kind == "once":
+            return Path(schedule.digest_path or "")
+        return newest_unsent(self.store, Path(schedule.directory or ""), self.clock())
+
+    def _record(self, schedule_id: int, **values) -> None:
+        """Note a run's progress or outcome while this worker still holds it (a schedule
+        cancelled meanwhile stays cancelled)."""
+        with self.store.begin() as session:
+            session.execute(
+                update(Schedule)
+                .where(Schedule.id == schedule_id, Schedule.claimed_by == self.owner)
+                .where(Schedule.status != "cancelled")
+                .values(**values)
             )
-        try:
-            while not stop.wait(poll):
-                scheduler.wakeup()  # notice jobs that `schedule add` wrote from another process
-        finally:
-            _STOP.set()
-            scheduler.shutdown(wait=True)
-            _RUNNING.clear()
-            log.info("scheduler stopped")
+
+    def _finish(self, schedule: Schedule, result: str) -> None:
+        log.info("schedule %s: %s", schedule.id, result)
+        status = "done" if schedule.kind == "once" else "scheduled"
+        self._record(
+            schedule.id, status=status, claimed_by=None, last_issue_id=None, last_result=result
+        )
+
+    def _failed(self, schedule: Schedule, result: str) -> None:
+        """A run that cannot succeed as things are (bad digest, already sent): say why."""
+        log.error("schedule %s: %s", schedule.id, result)
+        status = "failed" if schedule.kind == "once" else "scheduled"
+        self._record(
+            schedule.id, status=status, claimed_by=None, last_issue_id=None, last_result=result
+        )
+
+    def _later(self, schedule: Schedule, result: str) -> None:
+        log.warning("schedule %s: %s; trying again in %ss", schedule.id, result, int(RETRY_DELAY))
+        self._retry_at[schedule.id] = time.monotonic() + RETRY_DELAY
+        self._record(schedule.id, last_result=result)
+
+
+def _duration(late: timedelta) -> str:
+    return str(late).split(".")[0]
+
+
+def _missed(late: timedelta) -> str:
+    return f"missed by {_duration(late)}; not sent"

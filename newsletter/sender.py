@@ -1,15 +1,21 @@
-"""An issue's send: plan it, create its ledger, and deliver it with a pool of workers.
+"""The one delivery engine: issues and one-off mail, claimed, built, sent and recorded.
 
-The CLI's ``send`` and the scheduler's job call the same functions here. Each worker
-owns one reused transport (an SMTP connection, or the outbox), claims a small batch
-of queued deliveries, fills the issue's pre-encoded message for each recipient,
-sends it and records the answer before touching the next one.
+``newsletter send`` and the worker's scheduled sends call :func:`send_issue`; the worker
+drains one-off mail (confirmations) with the same :class:`Sender`. Each of a sender's
+threads owns one reused transport (an SMTP connection, or the outbox), claims a small
+batch of queued deliveries, builds each message (the issue's pre-encoded template filled
+in, or the one-off message as queued), sends it and records the answer.
+
+Accepted messages go to the sender's journal at once and to the ledger in batches; other
+answers are rare and recorded at once. Before each message a thread makes sure it still
+owns its batch (renewing the claim when it is due), so a sender paused long enough for
+another to take its rows over sends none of them when it wakes.
 """
 
 from __future__ import annotations
 
 import hashlib
-import sys
+import logging
 import threading
 import time
 from collections.abc import Callable
@@ -17,14 +23,16 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from sqlalchemy import Connection
+from sqlalchemy import Connection, func, select
 
 from newsletter.config import Settings
 from newsletter.digest import MUST_FIX, Digest, load_digest
-from newsletter.errors import DeliveryError, InputError
+from newsletter.errors import InputError
 from newsletter.journal import Journal, journal_dir
 from newsletter.ledger import (
     Claimed,
+    Scope,
+    alive_as,
     claim,
     create_issue,
     find_issue,
@@ -33,27 +41,34 @@ from newsletter.ledger import (
     mark,
     mark_bounced,
     new_owner,
-    next_due,
+    open_count,
     reclaim_abandoned,
     record_sent,
-    register_owner,
     release,
-    touch,
+    renew,
     waiting_on,
 )
-from newsletter.message import MessageTemplate, Recipient, new_message_id
+from newsletter.message import (
+    MessageTemplate,
+    Recipient,
+    envelope_address,
+    new_message_id,
+    wire_address,
+)
 from newsletter.pacing import Pacer, backoff
 from newsletter.render import RenderedIssue, render_issue
 from newsletter.store import Issue, Store, Subscriber, get_or_create_secret_key, utcnow
 from newsletter.tokens import Tokens, unsubscribe_url
 from newsletter.transports import Outcome, Transport, make_transport
 
+log = logging.getLogger(__name__)
+
 TransportFactory = Callable[[], Transport]
-GIL_SWITCH = 0.001  # seconds; Python's default 5 ms leaves answered connections idle
 THROTTLED_ATTEMPTS = 4  # times max_attempts, for answers that ask us to slow down
 FLUSH_EVERY = 50  # accepted messages recorded in the ledger per statement
 FLUSH_SECONDS = 0.5  # and at least this often
-CLAIM_RENEWAL = 60.0  # seconds; well inside ledger.STALE_CLAIM, so a slow batch stays ours
+RENEW_AT_MOST = 60.0  # seconds between renewals of a claim (a quarter of the timeout if less)
+WAITING_NOTE = 60.0  # seconds between "still waiting" notes while retries are pending
 
 
 @dataclass(frozen=True)
@@ -68,11 +83,14 @@ class SendOptions:
     idle_poll: float = 0.5
 
 
+ONE_OFF_OPTIONS = SendOptions(retry_base=60.0, retry_max=3600.0)  # a confirmation can wait
+
+
 @dataclass
 class SendReport:
     """What a send did; ``open`` deliveries are left for ``send --resume``."""
 
-    issue_id: int
+    issue_id: Scope
     total: int = 0
     sent: int = 0
     failed: int = 0
@@ -100,7 +118,8 @@ class Plan:
     digest: Digest
     rendered: RenderedIssue
     recipients: int
-    resume: Issue | None
+    resume: Issue | None  # the unfinished issue of this digest, which the send joins
+    previous: Issue | None = None  # the finished one, when forced to send it again
 
 
 def content_hash(digest: Digest) -> str:
@@ -124,34 +143,20 @@ def plan_send(store: Store, settings: Settings, path: Path | str, force: bool = 
             f"{digest.path}:{first.line}: {first.message} "
             f"({len(must_fix)} problem(s); `newsletter check` lists them, --force sends anyway)"
         )
-    _template(settings, rendered)  # a message that cannot be built fails before any issue exists
+    message_template(settings, rendered)  # a message that cannot be built fails first
     with store.session() as session:
         existing = find_issue(session, digest.path.name, content_hash(digest))
         if existing is not None and existing.status == "sending":
-            open_count, _ = next_due(session, existing.id)
-            return Plan(digest, rendered, open_count, existing)
+            return Plan(digest, rendered, open_count(session, existing.id), existing)
         if existing is not None and not force:
             raise InputError(
                 f"{digest.path}: already sent as issue {existing.id} "
                 f"({existing.finished_at:%Y-%m-%d %H:%M} UTC); --force sends it again"
             )
-        active = session.query(Subscriber).filter(Subscriber.status == "active").count()
-    return Plan(digest, rendered, active, None)
-
-
-def start_send(store: Store, plan: Plan, force: bool = False) -> int:
-    """Create the issue and its ledger (or join the unfinished one); returns its id."""
-    if plan.resume is not None:
-        return plan.resume.id
-    issue, _ = create_issue(
-        store,
-        digest_path=str(plan.digest.path.resolve()),
-        digest_name=plan.digest.path.name,
-        content_hash=content_hash(plan.digest),
-        rendered=plan.rendered,
-        force=force,
-    )
-    return issue.id
+        active = session.scalar(
+            select(func.count()).select_from(Subscriber).where(Subscriber.status == "active")
+        )
+    return Plan(digest, rendered, active or 0, None, existing)
 
 
 def check_transport(factory: TransportFactory) -> None:
@@ -168,39 +173,69 @@ def transport_factory(settings: Settings) -> TransportFactory:
     return lambda: make_transport(settings)
 
 
-def send_test_copies(
+def send_issue(
+    store: Store,
     settings: Settings,
-    rendered: RenderedIssue,
-    addresses: list[str],
-    factory: TransportFactory,
-    secret: str,
+    plan: Plan,
+    *,
+    force: bool = False,
+    on_started: Callable[[int], None] | None = None,
+    **sender_options,
+) -> SendReport:
+    """The one send of a digest, for the CLI and the scheduler alike: check the server,
+    create the issue and its ledger (or join the unfinished one), deliver it.
+
+    ``on_started`` learns the issue id once the ledger exists.
+    """
+    sender = Sender(store, settings, **sender_options)
+    check_transport(sender.factory)  # before the ledger: a refused login leaves no issue
+    if plan.resume is not None:
+        issue_id = plan.resume.id
+    else:
+        issue, _ = create_issue(
+            store,
+            digest_path=str(plan.digest.path.resolve()),
+            digest_name=plan.digest.path.name,
+            content_hash=content_hash(plan.digest),
+            rendered=plan.rendered,
+            force=force,
+        )
+        issue_id = issue.id
+    if on_started is not None:
+        on_started(issue_id)
+    return sender.run(issue_id, check=False)
+
+
+def send_test_copies(
+    store: Store, settings: Settings, rendered: RenderedIssue, addresses: list[str]
 ) -> list[tuple[str, Outcome]]:
     """Send ``--to`` copies: real messages, but no issue and no delivery is recorded."""
-    template = _template(settings, rendered)
-    tokens = Tokens(secret)
-    transport = factory()
+    template = message_template(settings, rendered)
+    tokens = Tokens(secret_key(settings, store))
+    transport = make_transport(settings)
     try:
         transport.check()
         results = []
         for address in addresses:
-            recipient = Recipient(
-                address,
-                None,
-                unsubscribe_url(settings.site_url, tokens.unsubscribe_token(address)),
-                new_message_id(template.domain),
-            )
-            results.append(
-                (
-                    address,
-                    transport.send(template.envelope_from, address, template.build(recipient)),
-                )
-            )
+            url = unsubscribe_url(settings.site_url, tokens.unsubscribe_token(address))
+            data = template.build(Recipient(address, None, url, new_message_id(template.domain)))
+            outcome = transport.send(template.envelope_from, wire_address(address), data)
+            results.append((address, outcome))
         return results
     finally:
         transport.close()
 
 
-def _template(settings: Settings, rendered: RenderedIssue) -> MessageTemplate:
+def send_queued_mail(
+    store: Store, settings: Settings, stop: threading.Event | None = None
+) -> SendReport:
+    """Send the one-off mail (confirmations) that is due now, over one connection; what
+    cannot go now stays queued for the worker."""
+    return Sender(store, settings, options=ONE_OFF_OPTIONS, stop=stop, connections=1).run(None)
+
+
+def message_template(settings: Settings, rendered: RenderedIssue) -> MessageTemplate:
+    """The issue's message as the settings head it, encoded once."""
     return MessageTemplate(
         rendered,
         from_address=settings.from_address,
@@ -211,7 +246,8 @@ def _template(settings: Settings, rendered: RenderedIssue) -> MessageTemplate:
 
 
 class Sender:
-    """Delivers one issue with ``settings.smtp_connections`` workers sharing one pace."""
+    """Delivers the deliveries of one scope (an issue, or one-off mail) with
+    ``settings.smtp_connections`` threads sharing one pace."""
 
     def __init__(
         self,
@@ -220,132 +256,145 @@ class Sender:
         factory: TransportFactory | None = None,
         options: SendOptions | None = None,
         on_result: Callable[[str], None] | None = None,
+        on_waiting: Callable[[int, datetime | None], None] | None = None,
         stop: threading.Event | None = None,
+        connections: int | None = None,
     ) -> None:
         self.store = store
         self.settings = settings
         self.factory = factory or transport_factory(settings)
         self.options = options or SendOptions()
         self.on_result = on_result or (lambda status: None)
+        self.on_waiting = on_waiting or (lambda waiting, due: None)
         self.stop = stop or threading.Event()
-        self.owner = new_owner()
+        self.connections = connections or settings.smtp_connections
+        self.stale = timedelta(seconds=settings.claim_timeout)
+        self.renew_every = min(RENEW_AT_MOST, settings.claim_timeout / 4)
+        self.envelope_from = envelope_address(settings.from_address)
         self.pacer = Pacer(settings.send_rate)
+        self.tokens = Tokens(secret_key(settings, store))
+        self.journals = journal_dir(settings.database_url)
         self._lock = threading.Lock()
-        self._tokens = Tokens(secret_key(settings, store))
-        self.journal = Journal(self.owner, journal_dir(settings.database_url))
-        self._clean_exit = True
+        self._last_note = 0.0
 
-    def run(self, issue_id: int) -> SendReport:
-        """Deliver every open delivery of the issue that is due, then report."""
+    def run(self, issue_id: Scope, check: bool = True) -> SendReport:
+        """Deliver every open delivery of the scope that is due, then report. An issue's
+        send waits for retries that fall due later; one-off mail returns when nothing is
+        due now (the worker comes back). The server's TLS and login are checked first
+        (DeliveryError, before any message) unless the caller just did."""
         started = time.monotonic()
+        owner = new_owner()
+        template = None
+        report = SendReport(issue_id)
+        if issue_id is not None:
+            with self.store.session() as session:
+                issue = session.get(Issue, issue_id)
+                if issue is None:
+                    raise InputError(f"issue {issue_id}: no such issue")
+                report.total = issue.recipient_count
+                if issue.status != "sending":
+                    report.stopped_reason = f"issue {issue_id} is already {issue.status}"
+                    return report
+                template = message_template(self.settings, load_rendered(issue.rendered))
+        if check:
+            check_transport(self.factory)
+        with alive_as(self.store, owner, self.journals) as journal:
+            run = _Run(self, issue_id, owner, journal, template, report)
+            with self.store.engine.connect() as db:
+                reclaim_abandoned(db, issue_id, owner, self.journals, self.stale)
+            threads = [
+                threading.Thread(target=run.work, name=f"newsletter-send-{n}", daemon=True)
+                for n in range(self.connections)
+            ]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
         with self.store.session() as session:
-            issue = session.get(Issue, issue_id)
-            if issue is None:
-                raise InputError(f"issue {issue_id}: no such issue")
-            report = SendReport(issue_id, total=issue.recipient_count)
-            if issue.status != "sending":
-                report.stopped_reason = f"issue {issue_id} is already {issue.status}"
-                return report
-            reclaim_abandoned(session, issue_id, self.owner, self.journal.path.parent)
-            template = _template(self.settings, load_rendered(issue.rendered))
-        workers = [
-            threading.Thread(target=self._work, args=(issue_id, template, report), daemon=True)
-            for _ in range(self.settings.smtp_connections)
-        ]
-        try:
-            self.journal.open()
-        except OSError as exc:
-            raise DeliveryError(
-                f"cannot write the send journal {self.journal.path}: {exc.strerror or exc}"
-            ) from None
-        switch = sys.getswitchinterval()
-        sys.setswitchinterval(GIL_SWITCH)  # a worker whose server answered gets the GIL sooner
-        register_owner(self.owner, live=True)
-        try:
-            for worker in workers:
-                worker.start()
-            for worker in workers:
-                worker.join()
-        finally:
-            sys.setswitchinterval(switch)
-            register_owner(self.owner, live=False)
-            # Kept when a worker failed: what it had not recorded is replayed on resume.
-            self.journal.close(keep=not self._clean_exit)
-        with self.store.session() as session:
-            finish_if_done(session, issue_id)
-            report.open, _ = next_due(session, issue_id)
+            if issue_id is not None:
+                finish_if_done(session, issue_id)
+            report.open = open_count(session, issue_id)
         report.seconds = time.monotonic() - started
         return report
 
-    def _work(self, issue_id: int, template: MessageTemplate, report: SendReport) -> None:
-        """A worker thread: its own transport and connection until nothing is left to claim."""
-        transport = self.factory()
-        try:
-            with self.store.engine.connect() as db:
-                _Worker(self, db, transport, template, report).run(issue_id)
-        except Exception as exc:  # a database error must stop the send, not hang it
-            self._clean_exit = False
-            reason = (str(exc).strip().splitlines() or [""])[0]
-            self._stop_all(report, f"a worker failed: {type(exc).__name__}: {reason}")
-        finally:
-            transport.close()
-
-    def _wait_for_due(self, db: Connection, issue_id: int) -> bool:
-        """Nothing to claim now: wait for retries that are due later, or stop when all is done."""
-        open_count, due = waiting_on(db, issue_id, self.owner)
-        if open_count == 0:
-            return False  # what is left is in this process's other workers' hands
-        reclaim_abandoned(db, issue_id, self.owner, self.journal.path.parent)
-        delay = self.options.idle_poll
-        if due is not None:
-            delay = min(max((due - utcnow()).total_seconds(), 0.01), self.options.idle_poll)
-        self.stop.wait(delay)
-        return True
-
-    def _count(self, report: SendReport, status: str, email: str = "", answer: str = "") -> None:
+    def note_waiting(self, waiting: int, due: datetime | None) -> None:
+        """Tell ``on_waiting`` about pending retries, at most once a minute."""
         with self._lock:
-            setattr(report, status, getattr(report, status) + 1)
-            if status in {"failed", "bounced"} and len(report.failures) < 100:
-                report.failures.append((email, answer))
-        self.on_result(status)
-
-    def _stop_all(self, report: SendReport, reason: str) -> None:
-        with self._lock:
-            report.stopped_reason = report.stopped_reason or reason
-        self.stop.set()
+            now = time.monotonic()
+            if now - self._last_note < WAITING_NOTE:
+                return
+            self._last_note = now
+        self.on_waiting(waiting, due)
 
 
-class _Worker:
-    """One connection's loop: claim a batch, send each message, record the answers.
-
-    Accepted messages go to the journal at once and to the ledger in batches
-    (every ``FLUSH_EVERY`` messages or ``FLUSH_SECONDS``); other answers are rare and
-    recorded at once.
-    """
+class _Run:
+    """One :meth:`Sender.run`: what its threads share."""
 
     def __init__(
         self,
         sender: Sender,
-        db: Connection,
-        transport: Transport,
-        template: MessageTemplate,
+        issue_id: Scope,
+        owner: str,
+        journal: Journal,
+        template: MessageTemplate | None,
         report: SendReport,
     ) -> None:
-        self.sender, self.db, self.transport = sender, db, transport
-        self.template, self.report = template, report
-        self.owner = sender.owner
-        self.options = sender.options
-        self.accepted: list[tuple[int, str, str, datetime]] = []
+        self.sender, self.issue_id, self.owner = sender, issue_id, owner
+        self.journal, self.template, self.report = journal, template, report
+        self.aborted = threading.Event()
+        self._lock = threading.Lock()
+
+    def stopped(self) -> bool:
+        """Stop taking new messages: asked to (a signal), or the run cannot go on."""
+        return self.aborted.is_set() or self.sender.stop.is_set()
+
+    def work(self) -> None:
+        """A thread: its own transport and connection until nothing is left to claim."""
+        transport = self.sender.factory()
+        try:
+            with self.sender.store.engine.connect() as db:
+                _Worker(self, db, transport).run()
+        except Exception as exc:  # a database error must stop the send, not hang it
+            self.journal.keep = True  # what this thread had not recorded is replayed on resume
+            reason = (str(exc).strip().splitlines() or [""])[0]
+            self.stop_all(f"a worker failed: {type(exc).__name__}: {reason}")
+        finally:
+            transport.close()
+
+    def count(self, status: str, email: str = "", answer: str = "") -> None:
+        with self._lock:
+            setattr(self.report, status, getattr(self.report, status) + 1)
+            if status in {"failed", "bounced"} and len(self.report.failures) < 100:
+                self.report.failures.append((email, answer))
+        self.sender.on_result(status)
+
+    def stop_all(self, reason: str) -> None:
+        with self._lock:
+            self.report.stopped_reason = self.report.stopped_reason or reason
+        self.aborted.set()
+
+
+class _Worker:
+    """One connection's loop: claim a batch, send each message, record the answers."""
+
+    def __init__(self, run: _Run, db: Connection, transport: Transport) -> None:
+        self.run_, self.db, self.transport = run, db, transport
+        self.sender = run.sender
+        self.owner = run.owner
+        self.options = self.sender.options
+        self.accepted: list[tuple[int, str, str | None, datetime]] = []
         self.first_accepted = 0.0
         self.failures = 0
+        self.renewed = (0.0, 0.0)  # monotonic and wall-clock time of the last claim or renewal
 
-    def run(self, issue_id: int) -> None:
+    def run(self) -> None:
         try:
-            while not self.sender.stop.is_set():
-                batch = claim(self.db, issue_id, self.owner, self.options.batch_size)
+            while not self.run_.stopped():
+                batch = claim(self.db, self.run_.issue_id, self.owner, self.options.batch_size)
+                self.renewed = (time.monotonic(), time.time())
                 if not batch:
                     self._flush()  # others wait on rows that are accepted but unrecorded
-                    if not self.sender._wait_for_due(self.db, issue_id):
+                    if not self._wait_for_due():
                         return
                     continue
                 if not self._send_batch(batch):
@@ -353,54 +402,101 @@ class _Worker:
         finally:
             self._flush()
 
+    def _wait_for_due(self) -> bool:
+        """Nothing to claim now: wait for retries that are due later (an issue), or stop."""
+        issue_id = self.run_.issue_id
+        if issue_id is None:
+            return False
+        waiting, due = waiting_on(self.db, issue_id, self.owner)
+        if waiting == 0:
+            return False  # what is left is in this sender's other threads' hands
+        sender = self.sender
+        reclaim_abandoned(self.db, issue_id, self.owner, sender.journals, sender.stale)
+        delay = self.options.idle_poll
+        if due is not None:
+            delay = min(max((due - utcnow()).total_seconds(), 0.01), self.options.idle_poll)
+            sender.note_waiting(waiting, due)
+        self.run_.aborted.wait(delay)
+        return not self.run_.stopped()
+
+    def _still_ours(self, batch: list[Claimed]) -> list[Claimed]:
+        """The rest of the batch, less what was taken over, once the claim needs renewing
+        (by either clock: a suspended machine's monotonic clock stands still)."""
+        monotonic, wall = self.renewed
+        elapsed = max(time.monotonic() - monotonic, time.time() - wall)
+        if elapsed < self.sender.renew_every:
+            return batch
+        self._flush()
+        held = renew(self.db, [d.id for d in batch], self.owner)
+        self.renewed = (time.monotonic(), time.time())
+        if len(held) < len(batch):
+            log.warning(
+                "%d claimed deliveries were taken over while this sender was paused",
+                len(batch) - len(held),
+            )
+        return [d for d in batch if d.id in held]
+
     def _send_batch(self, batch: list[Claimed]) -> bool:
-        renewed = time.monotonic()
-        for index, delivery in enumerate(batch):
-            if time.monotonic() - renewed > CLAIM_RENEWAL:
-                self._flush()
-                touch(self.db, [d.id for d in batch[index:]], self.owner)
-                renewed = time.monotonic()
+        while batch:
+            batch = self._still_ours(batch)
+            if not batch:
+                return True
             unreachable = self.failures >= self.options.max_connection_failures
-            if self.sender.stop.is_set() or unreachable:
+            if self.run_.stopped() or unreachable:
                 self._flush()
-                release(self.db, [d.id for d in batch[index:]], self.owner)
+                release(self.db, [d.id for d in batch], self.owner)
                 if unreachable:
-                    self.sender._stop_all(self.report, "the SMTP server cannot be reached")
+                    self.run_.stop_all("the SMTP server cannot be reached")
                 return False
+            delivery, batch = batch[0], batch[1:]
             self._deliver(delivery)
         return True
 
+    def _message(self, delivery: Claimed) -> tuple[bytes, str | None]:
+        """The wire bytes of a delivery, and its new Message-ID (None: one-off mail keeps
+        the one it was queued with)."""
+        if delivery.body is not None:
+            return delivery.body, None
+        template = self.run_.template
+        assert template is not None
+        message_id = new_message_id(template.domain)
+        url = unsubscribe_url(
+            self.sender.settings.site_url, self.sender.tokens.unsubscribe_token(delivery.email)
+        )
+        return template.build(Recipient(delivery.email, delivery.name, url, message_id)), message_id
+
     def _deliver(self, delivery: Claimed) -> None:
-        sender = self.sender
-        if not delivery.active:
+        sender, run = self.sender, self.run_
+        if not delivery.mailable:
             mark(self.db, delivery.id, self.owner, "skipped", last_answer="no longer subscribed")
             self.db.commit()
-            sender._count(self.report, "skipped")
+            run.count("skipped")
             return
-        message_id = new_message_id(self.template.domain)
-        url = unsubscribe_url(
-            sender.settings.site_url, sender._tokens.unsubscribe_token(delivery.email)
-        )
-        data = self.template.build(Recipient(delivery.email, delivery.name, url, message_id))
+        try:
+            data, message_id = self._message(delivery)
+        except Exception as exc:  # one address the message cannot carry must not stop a send
+            answer = f"cannot build a message for {delivery.email!r}: {type(exc).__name__}: {exc}"
+            self._record_failure(delivery, Outcome("failed", None, answer))
+            return
         sender.pacer.wait()
-        outcome = self.transport.send(self.template.envelope_from, delivery.email, data)
+        outcome = self.transport.send(sender.envelope_from, wire_address(delivery.email), data)
         dropped = outcome.status == "retry" and outcome.code is None
         self.failures = self.failures + 1 if dropped else 0
         if outcome.throttle:
             sender.pacer.throttled()
         if outcome.sender_refused:
             release(self.db, [delivery.id], self.owner)
-            sender._stop_all(self.report, f"the server refuses to send for us: {outcome.answer}")
+            run.stop_all(f"the server refuses to send for us: {outcome.answer}")
             return
         if outcome.status == "sent":
             now = time.time()
-            sender.journal.accepted(delivery.id, message_id, now)
+            run.journal.accepted(delivery.id, message_id or "", now)
             if not self.accepted:
                 self.first_accepted = time.monotonic()
             self.accepted.append(
                 (delivery.id, outcome.answer[:500], message_id, datetime.fromtimestamp(now, UTC))
             )
-            sender._count(self.report, "sent")
+            run.count("sent")
             if (
                 len(self.accepted) >= FLUSH_EVERY
                 or time.monotonic() - self.first_accepted > FLUSH_SECONDS
@@ -429,7 +525,7 @@ class _Worker:
             mark(self.db, delivery.id, self.owner, "failed", last_answer=answer)
             status = "failed"
         self.db.commit()
-        self.sender._count(self.report, status, delivery.email, answer)
+        self.run_.count(status, delivery.email, answer)
 
     def _attempts_allowed(self, outcome: Outcome) -> int:
         """Throttling is about our pace, not the address: it may go on for hours (at the
@@ -440,24 +536,3 @@ class _Worker:
         if self.accepted:
             record_sent(self.db, self.owner, self.accepted)
             self.accepted = []
-
-
-def deliver_issue(store: Store, settings: Settings, issue_id: int, **kwargs) -> SendReport:
-    """Run (or resume) an issue's send to the end; DeliveryError if the server refuses us."""
-    sender = Sender(store, settings, **kwargs)
-    check_transport(sender.factory)
-    return sender.run(issue_id)
-
-
-__all__ = [
-    "DeliveryError",
-    "Plan",
-    "SendOptions",
-    "SendReport",
-    "Sender",
-    "check_transport",
-    "deliver_issue",
-    "plan_send",
-    "send_test_copies",
-    "start_send",
-]

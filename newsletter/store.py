@@ -17,8 +17,9 @@ Statuses, held by CHECK constraints:
                                         subscriber) in one transaction; unfinished, resumable
                           sent          every delivery reached a final state
                           cancelled     stopped by the user; its queued deliveries are skipped
-    deliveries.status     queued → sending → sent | failed | bounced, or skipped
-    outbound_mail.status  queued → sent | failed  (one-off mail such as confirmations)
+    deliveries.status     queued → sending → sent | failed | bounced, or skipped; a delivery
+                          belongs to an issue, or (``issue_id`` NULL) is one-off mail such as
+                          a confirmation and carries its finished ``body``
 
 An issue's totals are columns, not derived from its deliveries, because purging a
 subscriber deletes their delivery rows and an issue's history must not change with it;
@@ -31,8 +32,10 @@ from __future__ import annotations
 
 import secrets
 import sqlite3
+import threading
 import time
-from contextlib import AbstractContextManager
+from collections.abc import Iterable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -55,6 +58,7 @@ from sqlalchemy import (
     func,
     insert,
     select,
+    text,
 )
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import IntegrityError, OperationalError
@@ -70,7 +74,6 @@ STOPPED_STATUSES = ("unsubscribed", "bounced", "complained")
 SOURCES = ("cli", "import", "form")
 ISSUE_STATUSES = ("sending", "sent", "cancelled")
 DELIVERY_STATUSES = ("queued", "sending", "sent", "failed", "bounced", "skipped")
-OUTBOUND_STATUSES = ("queued", "sent", "failed")
 SCHEDULE_KINDS = ("once", "cron")
 SCHEDULE_STATUSES = ("scheduled", "running", "done", "missed", "failed", "cancelled")
 
@@ -172,7 +175,8 @@ class Issue(Base):
 
 
 class Delivery(Base):
-    """The ledger: one row per (issue, subscriber), so nobody gets an issue twice."""
+    """The ledger of every message: one row per (issue, subscriber), so nobody gets an issue
+    twice, and one row per one-off message (no issue, its ``body`` built when queued)."""
 
     __tablename__ = "deliveries"
     __table_args__ = (
@@ -182,7 +186,7 @@ class Delivery(Base):
     )
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True)
-    issue_id: Mapped[int] = mapped_column(ForeignKey("issues.id", ondelete="CASCADE"))
+    issue_id: Mapped[int | None] = mapped_column(ForeignKey("issues.id", ondelete="CASCADE"))
     subscriber_id: Mapped[int] = mapped_column(
         ForeignKey("subscribers.id", ondelete="CASCADE"), index=True
     )
@@ -195,6 +199,8 @@ class Delivery(Base):
     claimed_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
     next_attempt_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
     sent_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+    created_at: Mapped[datetime | None] = mapped_column(UtcDateTime, default=utcnow)
+    body: Mapped[bytes | None] = mapped_column(LargeBinary)  # one-off mail: SMTP wire bytes
 
 
 class Schedule(Base):
@@ -219,6 +225,8 @@ class Schedule(Base):
     last_run_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
     last_issue_id: Mapped[int | None] = mapped_column(Integer)
     last_result: Mapped[str | None] = mapped_column(Text)
+    # The sender running it now: another worker takes a run over only once that one is dead.
+    claimed_by: Mapped[str | None] = mapped_column(Text)
 
 
 class Setting(Base):
@@ -241,25 +249,12 @@ class SignupAttempt(Base):
     attempted_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
 
 
-class OutboundMail(Base):
-    """A one-off message (a confirmation) queued with its subscriber change, sent after commit."""
-
-    __tablename__ = "outbound_mail"
-    __table_args__ = (
-        CheckConstraint(_one_of("status", OUTBOUND_STATUSES), name="status"),
-        Index(None, "status", "next_attempt_at"),
-    )
-
-    id: Mapped[int] = mapped_column(BigId, primary_key=True)
-    recipient: Mapped[str] = mapped_column(String(320), index=True)
-    subject: Mapped[str] = mapped_column(Text)
-    body: Mapped[bytes] = mapped_column(LargeBinary)  # the whole RFC 5322 message
-    status: Mapped[str] = mapped_column(String(16), default="queued")
-    attempts: Mapped[int] = mapped_column(default=0, server_default="0")
-    last_answer: Mapped[str | None] = mapped_column(Text)
-    next_attempt_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
-    created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
-    sent_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+# One statement for all keys; unnest keeps the sorted order, so two transactions that want
+# some of the same keys take them in the same order and cannot deadlock.
+_ADVISORY_LOCKS = text(
+    "SELECT count(pg_advisory_xact_lock(hashtextextended(key, 0))) "
+    "FROM unnest(CAST(:keys AS text[])) AS key"
+)
 
 
 class Store:
@@ -268,6 +263,10 @@ class Store:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
         self.sessionmaker = sessionmaker(engine, expire_on_commit=False)
+        self.sqlite = engine.dialect.name == "sqlite"
+        # SQLite has one writer at a time, and a writer that finds the file locked sleeps in
+        # growing steps; threads of one process take turns here instead, woken at once.
+        self.write_lock = threading.Lock() if self.sqlite else None
 
     def session(self) -> Session:
         """A session for reads, or for writes the caller commits itself."""
@@ -276,6 +275,32 @@ class Store:
     def begin(self) -> AbstractContextManager[Session]:
         """A session in a transaction: committed when the block ends, rolled back on error."""
         return self.sessionmaker.begin()
+
+    @contextmanager
+    def write(self, keys: Iterable[str] = ()) -> Iterator[Session]:
+        """A short transaction that reads and then writes, committed when the block ends.
+
+        On SQLite it holds the write lock from the start (``BEGIN IMMEDIATE``, after this
+        process's other threads), so what it read cannot change before it writes. On
+        PostgreSQL rows lock themselves, and ``keys`` take transaction-scoped advisory locks
+        (so two signups of one address run one after the other and a count-then-insert
+        limit stays exact).
+        """
+        if self.write_lock is None:
+            with self.begin() as session:
+                wanted = sorted(set(keys))
+                if wanted:
+                    session.execute(_ADVISORY_LOCKS, {"keys": wanted})
+                yield session
+            return
+        with self.write_lock, self.session() as session:
+            session.connection().exec_driver_sql("BEGIN IMMEDIATE")
+            try:
+                yield session
+            except BaseException:
+                session.rollback()
+                raise
+            session.commit()
 
     def revision(self) -> str | None:
         """The migration the database is at."""

@@ -25,13 +25,12 @@ from sqlalchemy import delete, func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from newsletter.errors import InputError
+from newsletter.errors import InputError, InvalidField
 from newsletter.store import (
     SOURCES,
     STOPPED_STATUSES,
     SUBSCRIBER_STATUSES,
     Delivery,
-    OutboundMail,
     SignupAttempt,
     Subscriber,
     utcnow,
@@ -41,6 +40,10 @@ from newsletter.store import (
 FIELDS = ("email", "name", "status", "source", "created_at", "confirmed_at", "unsubscribed_at")
 NAME_MAX = 200
 _FORBIDDEN_IN_NAMES = {"Cc", "Zl", "Zp"}  # control characters, line and paragraph separators
+# Bidirectional controls: they make a name display as something else than it is.
+_BIDI_CONTROLS = frozenset(
+    "\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069"
+)
 
 
 def normalise_email(raw: str, field: str = "email") -> str:
@@ -51,12 +54,12 @@ def normalise_email(raw: str, field: str = "email") -> str:
     """
     value = (raw or "").strip()
     if not value:
-        raise InputError(f"{field}: empty")
+        raise InvalidField(field, "empty", "it is empty")
     try:
         checked = validate_email(value, check_deliverability=False)
     except EmailNotValidError as exc:
         reason = str(exc).rstrip(".")
-        raise InputError(f"{field}: {value!r} is not a valid address ({reason})") from None
+        raise InvalidField(field, f"{value!r} is not a valid address ({reason})", reason) from None
     return checked.normalized.lower()
 
 
@@ -64,12 +67,14 @@ def validate_name(raw: str | None, field: str = "name") -> str | None:
     """A display name safe to put in a header: no line breaks or control characters."""
     value = (raw or "").strip()
     for char in value:
-        if unicodedata.category(char) in _FORBIDDEN_IN_NAMES:
-            raise InputError(
-                f"{field}: contains a line break or control character (U+{ord(char):04X})"
+        if unicodedata.category(char) in _FORBIDDEN_IN_NAMES or char in _BIDI_CONTROLS:
+            raise InvalidField(
+                field,
+                f"contains a line break or control character (U+{ord(char):04X})",
+                "has a line break or control character",
             )
     if len(value) > NAME_MAX:
-        raise InputError(f"{field}: longer than {NAME_MAX} characters")
+        raise InvalidField(field, f"longer than {NAME_MAX} characters", "is too long")
     return value or None
 
 
@@ -197,8 +202,9 @@ def remove(session: Session, email: str) -> Subscriber:
 
 
 def purge(session: Session, email: str) -> dict[str, int]:
-    """Erase every trace of an address (GDPR): the subscriber, their deliveries and mail queued
-    or rate-limited for them. Returns the rows deleted per table; issue totals stay as sent.
+    """Erase every trace of an address (GDPR): the subscriber, their deliveries (mail queued
+    for them included) and their signup attempts. Returns the rows deleted per table; issue
+    totals stay as sent.
     """
     address = normalise_email(email)
     subscriber = get(session, address)
@@ -210,9 +216,6 @@ def purge(session: Session, email: str) -> dict[str, int]:
         deleted["subscribers"] = session.execute(
             delete(Subscriber).where(Subscriber.id == subscriber.id)
         ).rowcount
-    deleted["outbound_mail"] = session.execute(
-        delete(OutboundMail).where(OutboundMail.recipient == address)
-    ).rowcount
     deleted["signup_attempts"] = session.execute(
         delete(SignupAttempt).where(SignupAttempt.key == address)
     ).rowcount

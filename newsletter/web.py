@@ -62,7 +62,6 @@ class WebContext:
     settings: Settings
     store: Store
     tokens: Tokens
-    notify: Callable[[], None]
     css: bytes
     headers: dict[bool, tuple[tuple[str, str], ...]]  # security headers by embeddable or not
 
@@ -71,15 +70,9 @@ def _ctx() -> WebContext:
     return current_app.extensions["newsletter"]
 
 
-def create_app(
-    settings: Settings | None = None,
-    store: Store | None = None,
-    *,
-    notify: Callable[[], None] | None = None,
-) -> Flask:
-    """The WSGI app. ``notify`` is called after a signup queued a confirmation (the
-    server's :class:`~newsletter.outbound.OutboundWorker` wakes up on it); without a
-    store one is opened from the settings."""
+def create_app(settings: Settings | None = None, store: Store | None = None) -> Flask:
+    """The WSGI app; without a store one is opened from the settings. It never sends
+    mail: confirmations wait in the database for ``newsletter worker``."""
     settings = settings or load_settings()
     store = store or open_store(settings)
     app = Flask(__name__, static_folder=None)
@@ -90,7 +83,6 @@ def create_app(
         settings,
         store,
         signup.make_tokens(settings, store),
-        notify or (lambda: None),
         css,
         {embeddable: security_headers(settings, embeddable) for embeddable in (False, True)},
     )
@@ -161,7 +153,7 @@ def subscribe() -> Response:
     next_url = _safe_next(fields.get("next"))
     ctx = _ctx()
     try:
-        outcome = signup.signup(
+        signup.signup(
             ctx.store,
             ctx.settings,
             ctx.tokens,
@@ -186,8 +178,6 @@ def subscribe() -> Response:
         )
         response.headers["Retry-After"] = str(exc.retry_after)
         return response
-    if outcome == "queued":
-        ctx.notify()
     return Response(status=303, headers={"Location": next_url or "/thanks"})
 
 

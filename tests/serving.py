@@ -1,4 +1,5 @@
-"""`newsletter serve` as a real subprocess, and plain HTTP to talk to it."""
+"""`newsletter serve` and `newsletter worker` as real subprocesses side by side, as a
+service manager runs them, and plain HTTP to talk to them."""
 
 from __future__ import annotations
 
@@ -27,12 +28,13 @@ def free_port() -> int:
 
 @dataclass
 class Server:
-    """A running `newsletter serve` and what it needs to be talked to."""
+    """A running `newsletter serve` (and its `newsletter worker`, unless started without)."""
 
     url: str
     env: dict[str, str]
     cwd: Path
     process: subprocess.Popen
+    worker: subprocess.Popen | None = None
 
     def status(self, address: str) -> str | None:
         with open_store(self.env["NEWSLETTER_DATABASE_URL"]) as store, store.session() as session:
@@ -51,14 +53,47 @@ class Server:
         )
 
     def stop(self, sig: int = signal.SIGTERM) -> int:
-        """Send ``sig`` and wait for the exit code; SIGKILL takes its whole process tree."""
-        if self.process.poll() is None:
-            family = descendants(self.process.pid) if sig == signal.SIGKILL else []
-            self.process.send_signal(sig)
-            for pid in family:
-                with contextlib.suppress(OSError):
-                    os.kill(pid, signal.SIGKILL)
-        return self.process.wait(timeout=15)
+        """Send ``sig`` to serve (and the worker) and wait for serve's exit code; SIGKILL
+        takes the whole process tree."""
+        if self.worker is not None:
+            stop(self.worker, sig)
+        return stop(self.process, sig)
+
+    def start_worker(self) -> subprocess.Popen:
+        """`newsletter worker` beside the server, once it says it started."""
+        self.worker = start_worker(self.cwd, self.env)
+        return self.worker
+
+
+def stop(process: subprocess.Popen, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
+    """Send ``sig`` and wait for the exit code; SIGKILL takes the whole process tree."""
+    if process.poll() is None:
+        family = descendants(process.pid) if sig == signal.SIGKILL else []
+        process.send_signal(sig)
+        for pid in family:
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+    return process.wait(timeout=timeout)
+
+
+def start_worker(cwd: Path, env: dict[str, str]) -> subprocess.Popen:
+    """`newsletter worker` in ``cwd``, its output in worker.log, once it says it started."""
+    log_path = cwd / "worker.log"
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "newsletter", "worker"],
+            cwd=cwd,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    deadline = time.monotonic() + 60
+    while b"worker started" not in log_path.read_bytes():
+        if process.poll() is not None or time.monotonic() > deadline:
+            stop(process, signal.SIGKILL)
+            raise AssertionError(f"newsletter worker did not start:\n{log_path.read_text()}")
+        time.sleep(0.05)
+    return process
 
 
 def children(pid: int) -> list[int]:
@@ -76,13 +111,16 @@ def descendants(pid: int) -> list[int]:
     return below + [pid for child in below for pid in descendants(child)]
 
 
-def start_server(cwd: Path, smtp_env: dict[str, str]) -> Server:
-    """`newsletter serve` on a free port with an SQLite file in ``cwd``, once it answers."""
+def start_server(
+    cwd: Path, smtp_env: dict[str, str], database_url: str | None = None, worker: bool = True
+) -> Server:
+    """`newsletter serve` on a free port (an SQLite file in ``cwd`` unless ``database_url``),
+    once it answers, and `newsletter worker` beside it unless ``worker`` is False."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     env = {k: v for k, v in os.environ.items() if not k.startswith("NEWSLETTER_")}
     env |= smtp_env | {
-        "NEWSLETTER_DATABASE_URL": f"sqlite:///{cwd / 'newsletter.db'}",
+        "NEWSLETTER_DATABASE_URL": database_url or f"sqlite:///{cwd / 'newsletter.db'}",
         "NEWSLETTER_SITE_URL": url,
         "NEWSLETTER_NAME": "Weekly Links",
         "NEWSLETTER_FROM": "Weekly Links <links@example.com>",
@@ -97,18 +135,26 @@ def start_server(cwd: Path, smtp_env: dict[str, str]) -> Server:
             stderr=subprocess.STDOUT,
         )
     server = Server(url, env, cwd, process)
-    deadline = time.monotonic() + 20
+    deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise AssertionError((cwd / "serve.log").read_text())
         try:
             with urllib.request.urlopen(f"{url}/healthz", timeout=1) as response:
                 if response.status == 200:
-                    return server
+                    break
         except OSError:
             time.sleep(0.1)
-    server.stop(signal.SIGKILL)
-    raise AssertionError("newsletter serve did not answer /healthz within 20 s")
+    else:
+        server.stop(signal.SIGKILL)
+        raise AssertionError("newsletter serve did not answer /healthz within 60 s")
+    if worker:
+        try:
+            server.start_worker()
+        except BaseException:
+            server.stop(signal.SIGKILL)
+            raise
+    return server
 
 
 @dataclass(frozen=True)

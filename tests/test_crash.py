@@ -403,3 +403,42 @@ def test_sigterm_stops_cleanly_and_resume_sends_no_duplicate(
     assert sorted(received) == subscribed
     assert set(received.values()) == {1}
     _assert_ledger_matches(store, issue_id, copies)
+
+
+def test_a_sender_paused_past_the_claim_timeout_sends_nothing_twice(
+    store: Store,
+    sink: SinkProcess,
+    senders: Senders,
+    subscribed: list[str],
+    request: pytest.FixtureRequest,
+) -> None:
+    """SIGSTOP a send (a suspended laptop), resume it elsewhere once its claims time out,
+    then SIGCONT it: the woken sender finds its rows taken and starts no message; only the
+    messages in flight at the pause (at most one per connection, which may complete when
+    it wakes) can go twice."""
+    senders.env["NEWSLETTER_CLAIM_TIMEOUT"] = "2"
+    paused = senders.start("send", "digest.md", "--yes")
+    sink.wait_for(RECIPIENTS // 10, paused)
+    paused.send_signal(signal.SIGSTOP)
+    try:
+        at_pause = sink.settle()
+        issue_id = _issue_id(store)
+        code, out, err = senders.finish(senders.start("send", "--resume", str(issue_id)))
+        assert code == 0, out + err
+        assert "still queued 0" in out
+        before_wake = sink.settle()
+    finally:
+        paused.send_signal(signal.SIGCONT)
+    code, out, err = senders.finish(paused)
+    after_wake = sink.settle(quiet=1.0)
+    copies = sink.copies()
+    received = Counter(copy.address for copy in copies)
+    report = (
+        f"SIGSTOP at {at_pause} messages; resumed elsewhere: {before_wake} in all; after "
+        f"SIGCONT: {after_wake}; {len(copies) - len(received)} duplicate(s)"
+    )
+    print(f"\n[crash] {request.node.name}: {report}; the woken sender said: {out.strip()}")
+    assert after_wake - before_wake <= CONNECTIONS, report  # no new message after waking
+    assert set(received) == set(subscribed), report
+    assert len(copies) - len(received) <= CONNECTIONS, report
+    _assert_ledger_matches(store, issue_id, copies)

@@ -13,9 +13,13 @@ ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text("utf-8")
 
 
+CTX = click.Context(main)
+
+
 def _commands(group: click.Group, prefix: str = "newsletter") -> list[str]:
     names = []
-    for name, command in group.commands.items():
+    for name in group.list_commands(CTX):
+        command = group.get_command(CTX, name)
         names.append(f"{prefix} {name}")
         if isinstance(command, click.Group):
             names += _commands(command, f"{prefix} {name}")
@@ -43,12 +47,10 @@ def test_every_command_is_documented() -> None:
 
 def test_every_command_has_an_example_in_its_help() -> None:
     """Each command's --help shows an Example: line."""
-    ctx = click.Context(main)
     for name in _commands(main):
-        parts = name.split()[1:]
         command: click.Command = main
-        for part in parts:
-            command = command.commands[part]  # type: ignore[attr-defined]
+        for part in name.split()[1:]:
+            command = command.get_command(CTX, part)  # type: ignore[attr-defined]
         if isinstance(command, click.Group):
             continue
-        assert "Example:" in command.get_help(ctx), name
+        assert "Example:" in command.get_help(CTX), name

@@ -12,9 +12,9 @@ from sqlalchemy import select
 
 from newsletter.config import load_settings
 from newsletter.errors import DeliveryError, InputError
-from newsletter.ledger import describe_issues
-from newsletter.sender import Sender, SendOptions, deliver_issue, plan_send, start_send
-from newsletter.store import Delivery, Subscriber
+from newsletter.ledger import create_issue, describe_issues
+from newsletter.sender import Sender, SendOptions, content_hash, plan_send
+from newsletter.store import Delivery, Subscriber, utcnow
 from newsletter.subscribers import add, unsubscribe
 from newsletter.transports import MemoryTransport, Outcome
 
@@ -48,7 +48,21 @@ def _subscribe(store, count: int, prefix: str = "reader") -> list[str]:
 
 
 def _start(store, settings, tmp_path: Path) -> int:
-    return start_send(store, plan_send(store, settings, _digest(tmp_path)))
+    """The issue of the test digest with its ledger, not sent yet."""
+    plan = plan_send(store, settings, _digest(tmp_path))
+    issue, _ = create_issue(
+        store,
+        digest_path=str(plan.digest.path),
+        digest_name=plan.digest.path.name,
+        content_hash=content_hash(plan.digest),
+        rendered=plan.rendered,
+        force=False,
+    )
+    return issue.id
+
+
+def deliver_issue(store, settings, issue_id: int, **options):
+    return Sender(store, settings, **options).run(issue_id)
 
 
 def _statuses(store, issue_id: int) -> dict[str, str]:
@@ -219,27 +233,31 @@ def test_already_sent_digest_is_refused(store, tmp_path: Path) -> None:
     assert plan_send(store, settings, renamed, force=True).resume is None
 
 
-def test_dead_senders_journal_is_replayed(store, tmp_path: Path, monkeypatch) -> None:
-    """Rows a killed sender journaled as accepted become sent; the rest are requeued."""
-    import socket
+def test_dead_senders_journal_is_replayed(store, tmp_path: Path) -> None:
+    """Rows a killed sender journaled as accepted become sent; the rest are requeued; its
+    journal is gone afterwards. A sender is dead when its journal's lock can be taken."""
+    from datetime import timedelta
 
     from newsletter.journal import Journal
-    from newsletter.ledger import _machine, claim, reclaim_abandoned
+    from newsletter.ledger import claim, new_owner, reclaim_abandoned
 
-    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
     journals = tmp_path / "journals"
     _subscribe(store, 5)
     settings = _settings(tmp_path)
     issue_id = _start(store, settings, tmp_path)
-    dead = f"{socket.gethostname()}:{_machine()}:999999999:1:deadbeef"
+    dead = new_owner()
     with store.session() as session:
         claimed = claim(session, issue_id, dead, 5)
     journal = Journal(dead, journals)
     journal.open()
     journal.accepted(claimed[0].id, "m0@example.com", 1_700_000_000.0)
     journal.accepted(claimed[1].id, "m1@example.com", 1_700_000_001.0)
+    hour = timedelta(hours=1)
     with store.session() as session:
-        assert reclaim_abandoned(session, issue_id, "me", journals) == 3
+        assert reclaim_abandoned(session, issue_id, "me", journals, hour) == 0  # alive: locked
+    journal.close(keep=True)  # the lock goes, the file stays: what a SIGKILL leaves
+    with store.session() as session:
+        assert reclaim_abandoned(session, issue_id, "me", journals, hour) == 3
     with store.session() as session:
         rows = session.execute(
             select(Delivery.id, Delivery.status, Delivery.message_id).order_by(Delivery.id)
@@ -247,6 +265,39 @@ def test_dead_senders_journal_is_replayed(store, tmp_path: Path, monkeypatch) ->
     assert [r.status for r in rows] == ["sent", "sent", "queued", "queued", "queued"]
     assert rows[0].message_id == "m0@example.com"
     assert not journal.path.exists()
+
+
+def test_a_live_sender_that_stopped_renewing_loses_its_rows(store, tmp_path: Path) -> None:
+    """A sender that holds its lock but has not renewed its claim for the timeout (paused,
+    hung) has its rows taken over, what it journaled kept as sent; when it wakes, renewing
+    tells it which rows are no longer its own."""
+    from datetime import timedelta
+
+    from sqlalchemy import update
+
+    from newsletter.journal import Journal
+    from newsletter.ledger import claim, new_owner, reclaim_abandoned, renew
+
+    journals = tmp_path / "journals"
+    _subscribe(store, 4)
+    settings = _settings(tmp_path)
+    issue_id = _start(store, settings, tmp_path)
+    paused = new_owner()
+    journal = Journal(paused, journals)
+    journal.open()
+    with store.session() as session:
+        claimed = claim(session, issue_id, paused, 4)
+    journal.accepted(claimed[0].id, "m0@example.com", 1_700_000_000.0)
+    timeout = timedelta(minutes=10)
+    with store.session() as session:
+        assert reclaim_abandoned(session, issue_id, "me", journals, timeout) == 0
+        session.execute(update(Delivery).values(claimed_at=utcnow() - 2 * timeout))
+        session.commit()
+        assert reclaim_abandoned(session, issue_id, "me", journals, timeout) == 3
+        assert renew(session, [d.id for d in claimed], paused) == set()
+    assert journal.path.exists()  # its owner lives: its journal is its own
+    journal.close()
+    assert list(_statuses(store, issue_id).values()).count("sent") == 1
 
 
 def test_two_senders_in_one_process_share_an_issue(store, tmp_path: Path) -> None:

@@ -10,7 +10,7 @@ from threads import at_once, errors
 
 from newsletter import signup
 from newsletter.config import Settings
-from newsletter.store import OutboundMail, SignupAttempt, Store, Subscriber, utcnow
+from newsletter.store import Delivery, SignupAttempt, Store, Subscriber, utcnow
 
 
 @pytest.mark.parametrize(
@@ -48,8 +48,8 @@ def test_concurrent_signups_all_land(store: Store, web_settings: Settings) -> No
     assert errors(at_once(16, work)) == []
     with store.session() as session:
         assert session.scalar(select(func.count()).select_from(Subscriber)) == 128
-        assert session.scalar(select(func.count(func.distinct(OutboundMail.recipient)))) == 128
-        assert session.scalar(select(func.count()).select_from(OutboundMail)) == 128
+        assert session.scalar(select(func.count(func.distinct(Delivery.email)))) == 128
+        assert session.scalar(select(func.count()).select_from(Delivery)) == 128
 
 
 def test_one_address_signed_up_by_many_at_once(store: Store, web_settings: Settings) -> None:
@@ -63,7 +63,7 @@ def test_one_address_signed_up_by_many_at_once(store: Store, web_settings: Setti
     assert errors(at_once(10, work)) == []
     with store.session() as session:
         assert session.scalar(select(func.count()).select_from(Subscriber)) == 1
-        mails = session.scalar(select(func.count()).select_from(OutboundMail))
+        mails = session.scalar(select(func.count()).select_from(Delivery))
     assert mails == signup.PER_ADDRESS_LIMIT
 
 
@@ -84,9 +84,9 @@ def test_old_attempts_are_forgotten(store: Store, web_settings: Settings) -> Non
     assert keys == ["a1@example.com", "a2@example.com"] + ["ip:192.0.2.1"] * 3
 
 
-def test_ip_limit_holds_within_one_batch(store: Store, web_settings: Settings) -> None:
-    """Twenty-five signups from one IP at once, most of them written in the same
-    transaction: exactly PER_IP_LIMIT are taken, the rest are told when to come back."""
+def test_ip_limit_holds_under_a_race(store: Store, web_settings: Settings) -> None:
+    """Twenty-five signups from one IP at once: exactly PER_IP_LIMIT are taken, the rest
+    are told when to come back."""
     tokens = signup.make_tokens(web_settings, store)
     outcomes: list[object] = []
 
@@ -105,4 +105,32 @@ def test_ip_limit_holds_within_one_batch(store: Store, web_settings: Settings) -
     assert outcomes.count("queued") == signup.PER_IP_LIMIT and len(refused) == 5
     assert all(3500 < exc.retry_after <= 3600 for exc in refused)
     with store.session() as session:
-        assert session.scalar(select(func.count()).select_from(OutboundMail)) == signup.PER_IP_LIMIT
+        assert session.scalar(select(func.count()).select_from(Delivery)) == signup.PER_IP_LIMIT
+
+
+def test_a_signup_never_renames_someone_on_the_list(store: Store, web_settings: Settings) -> None:
+    """A second signup of a known address with another name (even one the per-address limit
+    holds back) leaves the stored name as it was."""
+    tokens = signup.make_tokens(web_settings, store)
+    signup.signup(store, web_settings, tokens, email="ada@example.com", name="Ada", ip="10.0.0.1")
+    for n in range(signup.PER_ADDRESS_LIMIT + 1):
+        signup.signup(
+            store, web_settings, tokens, email="ada@example.com", name=f"Eve {n}", ip="10.0.0.2"
+        )
+    with store.session() as session:
+        assert session.scalar(select(Subscriber.name)) == "Ada"
+
+
+@pytest.mark.parametrize("control", ["\u202e", "\u202a", "\u2066", "\u2069", "\u200f"])
+def test_names_with_bidi_controls_are_refused(store, web_settings, control: str) -> None:
+    """A name that would display as something else than it is (bidi controls) is refused
+    like other control characters, and nothing is stored."""
+    tokens = signup.make_tokens(web_settings, store)
+    with pytest.raises(signup.InvalidSignup) as refused:
+        signup.signup(
+            store, web_settings, tokens, email="a@example.com", name=f"Ada{control}evE", ip="::1"
+        )
+    assert refused.value.field == "name"
+    assert refused.value.reason == "The name has a line break or control character."
+    with store.session() as session:
+        assert session.scalar(select(func.count()).select_from(Subscriber)) == 0

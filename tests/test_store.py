@@ -10,17 +10,16 @@ import pytest
 from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
-from sqlalchemy import inspect, select, text
+from sqlalchemy import func, inspect, select, text
 from sqlalchemy.exc import IntegrityError, StatementError
 
 from newsletter.config import Settings
 from newsletter.errors import ConfigError
-from newsletter.migrate import alembic_config, head_revision, upgrade
+from newsletter.migrate import HEAD, alembic_config, head_revision, upgrade
 from newsletter.store import (
     Base,
     Delivery,
     Issue,
-    OutboundMail,
     SignupAttempt,
     Store,
     Subscriber,
@@ -31,7 +30,7 @@ from newsletter.store import (
     utcnow,
 )
 
-TABLES = {"subscribers", "issues", "deliveries", "settings", "signup_attempts", "outbound_mail"}
+TABLES = {"subscribers", "issues", "deliveries", "settings", "signup_attempts", "schedules"}
 
 
 def _subscriber(email: str = "ann@example.com", status: str = "active") -> Subscriber:
@@ -44,7 +43,7 @@ def _issue() -> Issue:
 
 def test_first_use_creates_the_newest_schema(store: Store) -> None:
     """Opening a new database applies every migration and creates every table."""
-    assert store.revision() == head_revision() == "0004"
+    assert store.revision() == head_revision() == HEAD
     assert set(inspect(store.engine).get_table_names()) >= TABLES
 
 
@@ -106,8 +105,70 @@ def test_upgrade_from_the_first_migration_keeps_data(database_url: str) -> None:
         delivery = session.scalars(select(Delivery)).one()
         assert (delivery.subscriber_id, delivery.status) == (subscriber.id, "sent")
         assert get_or_create_secret_key(store.engine) == "k"
-        session.add(OutboundMail(recipient="ann@example.com", subject="Confirm", body=b"x"))
+        session.add(Delivery(subscriber_id=subscriber.id, email=subscriber.email, body=b"x"))
         session.add(SignupAttempt(key="ann@example.com"))
+
+
+def test_queued_confirmations_move_into_the_one_queue(database_url: str) -> None:
+    """Upgrading from 0004: queued and sent confirmations become deliveries without an
+    issue (body, attempts and times kept); one for an address no longer on the list is
+    dropped; APScheduler's old job table goes."""
+    engine = make_engine(database_url)
+    now = datetime(2026, 11, 25, 12, 0)
+    try:
+        upgrade(engine, "0004")
+        with engine.begin() as connection:
+            connection.execute(
+                text(
+                    "INSERT INTO subscribers (email, status, source, created_at) "
+                    "VALUES ('ann@example.com', 'pending', 'form', :now)"
+                ),
+                {"now": now},
+            )
+            for recipient, status in (("ann@example.com", "queued"), ("gone@example.com", "sent")):
+                connection.execute(
+                    text(
+                        "INSERT INTO outbound_mail (recipient, subject, body, status, attempts,"
+                        " created_at) VALUES (:r, 'Confirm', :body, :status, 2, :now)"
+                    ),
+                    {"r": recipient, "body": b"wire bytes", "status": status, "now": now},
+                )
+            connection.execute(text("CREATE TABLE apscheduler_jobs (id VARCHAR(191))"))
+    finally:
+        engine.dispose()
+    with open_store(database_url) as store, store.session() as session:
+        [row] = session.scalars(select(Delivery)).all()
+        assert (row.issue_id, row.email, row.status, row.attempts) == (
+            None,
+            "ann@example.com",
+            "queued",
+            2,
+        )
+        assert row.body == b"wire bytes" and row.created_at == now.replace(tzinfo=UTC)
+        tables = set(inspect(store.engine).get_table_names())
+        assert not {"outbound_mail", "apscheduler_jobs"} & tables
+
+
+def test_the_fast_path_knows_the_newest_migration() -> None:
+    """The revision every command compares against without importing Alembic is the newest
+    migration shipped."""
+    assert head_revision() == HEAD
+
+
+def test_writes_from_many_threads_never_find_the_database_locked(store: Store) -> None:
+    """Read-then-write transactions from sixteen threads at once all commit: on SQLite they
+    take turns in the process instead of failing with "database is locked"."""
+    from threads import at_once, errors
+
+    def work(n: int) -> None:
+        for i in range(10):
+            with store.write(keys=[f"k{n}"]) as session:
+                count = session.scalar(select(func.count()).select_from(Subscriber))
+                session.add(_subscriber(f"t{n}-{i}-{count}@example.com"))
+
+    assert errors(at_once(16, work)) == []
+    with store.session() as session:
+        assert session.scalar(select(func.count()).select_from(Subscriber)) == 160
 
 
 def test_migrations_downgrade_and_upgrade_again(database_url: str) -> None:

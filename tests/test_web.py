@@ -21,7 +21,7 @@ from newsletter import signup, subscribers
 from newsletter.cli import main
 from newsletter.config import Settings, load_settings
 from newsletter.errors import ConfigError
-from newsletter.store import OutboundMail, SignupAttempt, Store, Subscriber, make_engine
+from newsletter.store import Delivery, SignupAttempt, Store, Subscriber, make_engine
 from newsletter.tokens import Tokens
 from newsletter.transports import from_wire
 from newsletter.web import create_app, embed_form
@@ -44,11 +44,12 @@ def _status(store: Store, address: str) -> str | None:
         return found.status if found else None
 
 
-def _mails(store: Store, address: str | None = None) -> list[OutboundMail]:
+def _mails(store: Store, address: str | None = None) -> list[Delivery]:
+    """The one-off mail queued, oldest first."""
     with store.session() as session:
-        query = select(OutboundMail).order_by(OutboundMail.id)
+        query = select(Delivery).where(Delivery.issue_id.is_(None)).order_by(Delivery.id)
         if address:
-            query = query.where(OutboundMail.recipient == address)
+            query = query.where(Delivery.email == address)
         return list(session.scalars(query))
 
 
@@ -59,7 +60,7 @@ def _add(store: Store, address: str, status: str = "active", name: str | None = 
             subscribers.unsubscribe(session, subscribers.get(session, address).id, status)
 
 
-def _link(mail: OutboundMail, kind: str = "confirm") -> str:
+def _link(mail: Delivery, kind: str = "confirm") -> str:
     message = email.message_from_bytes(from_wire(mail.body), policy=email.policy.default)
     text_part = message.get_body(("plain",)).get_content()
     return re.search(rf"https://news\.example\.com(/{kind}/\S+)", text_part)[1]
@@ -125,8 +126,8 @@ def test_signup_makes_a_pending_subscriber_and_queues_one_confirmation(
         ada = subscribers.get(session, "ada@example.com")
         assert (ada.status, ada.source, ada.name) == ("pending", "form", "Ada Lovelace")
     [mail] = _mails(store)
-    assert (mail.recipient, mail.status) == ("ada@example.com", "queued")
-    assert mail.subject == "Confirm your subscription to Weekly Links"
+    assert (mail.email, mail.status) == ("ada@example.com", "queued")
+    assert b"Subject: Confirm your subscription to Weekly Links\r\n" in mail.body
     thanks = client.get("/thanks")
     assert thanks.status_code == 200 and "Check your inbox" in _page_text(thanks)
 

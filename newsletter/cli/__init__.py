@@ -1,21 +1,46 @@
 """The ``newsletter`` command: thin click shells over the library.
 
-Each submodule owns one command group; this module owns the group itself and the
-single place where a ``NewsletterError`` becomes one line on stderr and an exit code.
+Each command lives in a module of this package that is imported only when the command
+runs (or its help is shown), and imports the library it calls only inside the command,
+so ``newsletter --help`` starts at once. This module owns the group and the single
+place where a ``NewsletterError`` becomes one line on stderr and an exit code.
 """
 
 from __future__ import annotations
 
+import importlib
 import sys
 
 import click
 
-from newsletter.config import Settings, load_settings
 from newsletter.errors import NewsletterError
 
+COMMANDS = {
+    "render": "render:render",
+    "check": "render:check",
+    "send": "send:send",
+    "issues": "issues:group",
+    "subscribers": "subscribers:group",
+    "schedule": "schedule:group",
+    "worker": "worker:worker",
+    "scheduler": "worker:scheduler",
+    "serve": "serve:serve",
+    "db": "db:group",
+}
 
-class _Group(click.Group):
-    """A group that turns every ``NewsletterError`` into one line and its exit code."""
+
+class LazyGroup(click.Group):
+    """A group whose commands are imported by name when first needed (click's LazyGroup),
+    and that turns every ``NewsletterError`` into one line and its exit code."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(COMMANDS)
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name not in COMMANDS:
+            return None
+        module, attribute = COMMANDS[name].split(":")
+        return getattr(importlib.import_module(f"{__name__}.{module}"), attribute)
 
     def invoke(self, ctx: click.Context):
         try:
@@ -25,43 +50,10 @@ class _Group(click.Group):
             sys.exit(exc.exit_code)
 
 
-def settings(ctx: click.Context | None = None) -> Settings:
-    """The validated settings for this invocation, read once and cached on the root context."""
-    ctx = (ctx or click.get_current_context()).find_root()
-    if not isinstance(ctx.obj, Settings):
-        ctx.obj = load_settings()
-    return ctx.obj
-
-
-@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="newsletter")
 def main() -> None:
     """Render Markdown digests into email and deliver them to your subscribers.
 
     Settings come from NEWSLETTER_* variables or .env (see .env.example).
     """
-
-
-from newsletter.cli import render as _render  # noqa: E402
-
-_render.register(main)
-
-from newsletter.cli import db as _db  # noqa: E402
-from newsletter.cli import subscribers as _subscribers  # noqa: E402
-
-_db.register(main)
-_subscribers.register(main)
-
-from newsletter.cli import issues as _issues  # noqa: E402
-from newsletter.cli import send as _send  # noqa: E402
-
-_send.register(main)
-_issues.register(main)
-
-from newsletter.cli import schedule as _schedule  # noqa: E402
-
-_schedule.register(main)
-
-from newsletter.cli import serve as _serve  # noqa: E402
-
-_serve.register(main)

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import click
 
-from newsletter.cli import settings
-from newsletter.migrate import head_revision
-from newsletter.store import open_store
+from newsletter.cli.common import settings
 
 
 @click.group(name="db")
@@ -23,12 +21,10 @@ def upgrade() -> None:
 
     Example: newsletter db upgrade
     """
+    from newsletter.migrate import head_revision
+    from newsletter.store import open_store
+
     with open_store(settings()) as store:
         revision = store.revision()
         where = store.engine.url.render_as_string(hide_password=True)
     click.echo(f"{where}: schema at revision {revision} (newest: {head_revision()})")
-
-
-def register(main: click.Group) -> None:
-    """Add ``db`` to the ``newsletter`` group."""
-    main.add_command(group)

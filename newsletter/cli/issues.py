@@ -3,27 +3,11 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import click
-from rich.console import Console
-from rich.table import Table
 
-from newsletter.cli import settings
-from newsletter.errors import InputError
-from newsletter.ledger import describe_issues, failed_deliveries
-from newsletter.store import open_store
-
-COLUMNS = (
-    "id",
-    "status",
-    "sent",
-    "failed",
-    "queued",
-    "skipped",
-    "recipients",
-    "created_at",
-    "subject",
-)
+from newsletter.cli.common import settings
 
 
 @click.group(name="issues")
@@ -40,15 +24,24 @@ def list_(fmt: str) -> None:
 
     Example: newsletter issues list --format json
     """
+    from newsletter.ledger import describe_issues
+    from newsletter.store import open_store
+
     with open_store(settings()) as store, store.session() as session:
         rows = describe_issues(session)
     if fmt == "json":
         click.echo(json.dumps(rows, ensure_ascii=False, indent=2))
         return
-    table = Table(*COLUMNS)
+    width = shutil.get_terminal_size().columns
+    click.echo(
+        f"{'ID':>4} {'STATUS':<9} {'SENT':>7} {'FAILED':>6} {'QUEUED':>6} {'CREATED':<16}  SUBJECT"
+    )
     for row in rows:
-        table.add_row(*(str(row[column]) for column in COLUMNS))
-    Console().print(table)
+        line = (
+            f"{row['id']:>4} {row['status']:<9} {row['sent']:>7} {row['failed']:>6} "
+            f"{row['queued']:>6} {row['created_at'][:16].replace('T', ' '):<16}  {row['subject']}"
+        )
+        click.echo(line if len(line) <= width else line[: width - 1] + "…")
 
 
 @group.command()
@@ -58,6 +51,10 @@ def show(issue_id: int) -> None:
 
     Example: newsletter issues show 3
     """
+    from newsletter.errors import InputError
+    from newsletter.ledger import describe_issues, failed_deliveries
+    from newsletter.store import open_store
+
     with open_store(settings()) as store, store.session() as session:
         rows = describe_issues(session, issue_id)
         if not rows:
@@ -67,8 +64,3 @@ def show(issue_id: int) -> None:
         click.echo(f"{key + ':':13} {value}")
     for email, status, answer in failures:
         click.echo(f"  {status}: {email}: {answer}")
-
-
-def register(main: click.Group) -> None:
-    """Add ``issues`` to the ``newsletter`` group."""
-    main.add_command(group)

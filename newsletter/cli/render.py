@@ -7,13 +7,7 @@ from pathlib import Path
 
 import click
 
-from newsletter.cli import settings
-from newsletter.digest import MUST_FIX, load_digest
-from newsletter.errors import DigestError
-from newsletter.files import atomic_write
-from newsletter.render import SAMPLE_RECIPIENT, check_digest, render_issue
-
-DIGEST = click.Path(path_type=Path, dir_okay=False)
+from newsletter.cli.common import DIGEST, settings
 
 
 @click.command()
@@ -30,6 +24,10 @@ def render(digest: Path, output: Path | None, text: bool) -> None:
 
     Example: newsletter render digests/2024-05-03-weekly.md -o preview.html
     """
+    from newsletter.digest import MUST_FIX, load_digest
+    from newsletter.files import atomic_write
+    from newsletter.render import SAMPLE_RECIPIENT, render_issue
+
     issue = render_issue(load_digest(digest), settings())
     for finding in issue.findings:
         if finding.severity == MUST_FIX:
@@ -52,6 +50,10 @@ def check(digests: tuple[Path, ...]) -> None:
 
     Example: newsletter check digests/*.md
     """
+    from newsletter.digest import MUST_FIX
+    from newsletter.errors import DigestError
+    from newsletter.render import check_digest
+
     worst = 0
     for path in digests:
         try:
@@ -66,9 +68,3 @@ def check(digests: tuple[Path, ...]) -> None:
             if finding.severity == MUST_FIX:
                 worst = max(worst, 1)
     sys.exit(worst)
-
-
-def register(group: click.Group) -> None:
-    """Add the commands of this module to the ``newsletter`` group."""
-    group.add_command(render)
-    group.add_command(check)

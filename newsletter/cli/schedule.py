@@ -1,30 +1,17 @@
-"""`newsletter schedule` and `newsletter scheduler`: sends at a time, or on a cron."""
+"""`newsletter schedule`: sends at a time, or on a cron; `newsletter worker` runs them."""
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 import click
 
-from newsletter.cli import settings
-from newsletter.cli.render import DIGEST
-from newsletter.cli.send import stop_on_signals
-from newsletter.errors import InputError
-from newsletter.scheduling import (
-    add_cron,
-    add_once,
-    cancel,
-    list_schedules,
-    parse_when,
-    run_scheduler,
-)
-from newsletter.store import open_store
+from newsletter.cli.common import DIGEST, settings
 
 
 @click.group(name="schedule")
 def group() -> None:
-    """Schedule sends; `newsletter scheduler` runs them."""
+    """Schedule sends; `newsletter worker` runs them."""
 
 
 @group.command()
@@ -42,16 +29,20 @@ def add(digest: Path | None, at: str | None, cron: str | None, directory: Path |
 
     Example: newsletter schedule add digests/2026-11-20-weekly-links.md --at 2026-12-01T09:00
     """
+    from newsletter.scheduling import add_cron, add_once, parse_when
+    from newsletter.store import open_store
+
     config = settings()
     if digest is not None and at and not (cron or directory):
+        when = parse_when(at, config)
         with open_store(config) as store:
-            schedule_id = add_once(store, config, digest, parse_when(at, config))
+            schedule_id = add_once(store, config, digest, when)
     elif cron and directory and not (digest or at):
         with open_store(config) as store:
             schedule_id = add_cron(store, config, cron, directory)
     else:
         raise click.UsageError("use either DIGEST --at WHEN, or --cron EXPR --dir DIR")
-    click.echo(f"schedule {schedule_id} added; `newsletter scheduler` runs it")
+    click.echo(f"schedule {schedule_id} added; `newsletter worker` runs it")
 
 
 @group.command(name="list")
@@ -60,13 +51,18 @@ def list_() -> None:
 
     Example: newsletter schedule list
     """
+    from newsletter.scheduling import list_schedules
+    from newsletter.store import open_store
+
     config = settings()
     with open_store(config) as store:
-        views = list_schedules(store, config)
+        views = list_schedules(store)
     if not views:
         click.echo("no schedules")
     for view in views:
-        when = view.next_run.strftime("%Y-%m-%d %H:%M %Z") if view.next_run else "-"
+        when = "-"
+        if view.next_run:
+            when = view.next_run.astimezone(config.tz).strftime("%Y-%m-%d %H:%M %Z")
         last = f"  last: {view.last_result}" if view.last_result else ""
         click.echo(f"{view.id:>4}  {view.status:<9}  next: {when:<22}  {view.what}{last}")
 
@@ -78,31 +74,9 @@ def cancel_(schedule_id: int) -> None:
 
     Example: newsletter schedule cancel 3
     """
-    config = settings()
-    with open_store(config) as store:
-        cancel(store, config, schedule_id)
+    from newsletter.scheduling import cancel
+    from newsletter.store import open_store
+
+    with open_store(settings()) as store:
+        cancel(store, schedule_id)
     click.echo(f"schedule {schedule_id} cancelled")
-
-
-@click.command()
-def scheduler() -> None:
-    """Run scheduled sends until stopped (SIGINT/SIGTERM stop it cleanly).
-
-    Run one per database; a second one by mistake never sends an issue twice.
-
-    Example: newsletter scheduler
-    """
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    logging.getLogger("alembic").setLevel(logging.WARNING)
-    config = settings()
-    with stop_on_signals() as stop:
-        run_scheduler(config, stop)
-
-
-def register(main: click.Group) -> None:
-    """Add ``schedule`` and ``scheduler`` to the ``newsletter`` group."""
-    main.add_command(group)
-    main.add_command(scheduler)
-
-
-__all__ = ["InputError", "register"]

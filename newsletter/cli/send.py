@@ -2,65 +2,17 @@
 
 from __future__ import annotations
 
-import signal
 import sys
-import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
-from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    ProgressColumn,
-    TextColumn,
-    TimeRemainingColumn,
-)
-from rich.text import Text
 
-from newsletter.cli import settings
-from newsletter.cli.render import DIGEST
-from newsletter.config import Settings
-from newsletter.digest import MUST_FIX
-from newsletter.errors import InputError
-from newsletter.sender import (
-    Sender,
-    SendReport,
-    check_transport,
-    plan_send,
-    secret_key,
-    send_test_copies,
-    start_send,
-    transport_factory,
-)
-from newsletter.store import Store, open_store
-from newsletter.subscribers import normalise_email
+from newsletter.cli.common import DIGEST, fast_thread_switching, settings, stop_on_signals
 
-
-@contextmanager
-def stop_on_signals() -> Iterator[threading.Event]:
-    """An event set by SIGINT/SIGTERM, so workers finish their message and release the rest."""
-    stop = threading.Event()
-    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
-    if threading.current_thread() is threading.main_thread():
-        for sig in previous:
-            signal.signal(sig, lambda *_: stop.set())
-    try:
-        yield stop
-    finally:
-        if threading.current_thread() is threading.main_thread():
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
-
-
-class RateColumn(ProgressColumn):
-    """Messages per second, as measured by the progress bar."""
-
-    def render(self, task) -> Text:
-        return Text(f"{task.speed or 0:,.0f} msg/s")
+if TYPE_CHECKING:
+    from newsletter.config import Settings
+    from newsletter.sender import SendReport
 
 
 def _where(config: Settings) -> str:
@@ -78,25 +30,41 @@ def summary_line(report: SendReport, config: Settings) -> str:
     )
 
 
-def run_issue(store: Store, config: Settings, issue_id: int, total: int | None) -> SendReport:
-    """Deliver an issue with a progress bar on a terminal; exit 1 if it could not finish."""
-    with stop_on_signals() as stop:
-        sender = Sender(store, config, stop=stop)
-        check_transport(sender.factory)
-        if sys.stderr.isatty():
-            columns = (
-                TextColumn("sending"),
-                BarColumn(),
-                MofNCompleteColumn(),
-                RateColumn(),
-                TimeRemainingColumn(),
-            )
-            with Progress(*columns, transient=True, console=Console(stderr=True)) as bar:
-                task = bar.add_task("send", total=total)
-                sender.on_result = lambda status: bar.advance(task) if status != "retried" else None
-                report = sender.run(issue_id)
-        else:
-            report = sender.run(issue_id)
+def _progress(total: int | None):
+    """A progress bar with rate and ETA on a terminal, for ``on_result``; None elsewhere."""
+    if not sys.stderr.isatty():
+        return None
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        ProgressColumn,
+        TextColumn,
+        TimeRemainingColumn,
+    )
+    from rich.text import Text
+
+    class RateColumn(ProgressColumn):
+        def render(self, task) -> Text:
+            return Text(f"{task.speed or 0:,.0f} msg/s")
+
+    columns = (
+        TextColumn("sending"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        RateColumn(),
+        TimeRemainingColumn(),
+    )
+    return Progress(*columns, transient=True, console=Console(stderr=True)), total
+
+
+def _waiting(waiting: int, due) -> None:
+    when = f"; next try at {due:%H:%M:%S} UTC" if due else ""
+    click.echo(f"waiting: {waiting} deliveries to be retried{when}", err=True)
+
+
+def _finish(report: SendReport, config: Settings) -> None:
     if report.finished and report.stopped_reason:
         click.echo(f"{report.stopped_reason}; nothing left to send")
     for email, answer in report.failures:
@@ -106,11 +74,10 @@ def run_issue(store: Store, config: Settings, issue_id: int, total: int | None) 
         reason = report.stopped_reason or "stopped"
         click.echo(
             f"error: {reason}; {report.open} deliveries left queued: "
-            f"newsletter send --resume {issue_id}",
+            f"newsletter send --resume {report.issue_id}",
             err=True,
         )
         sys.exit(1)
-    return report
 
 
 @click.command()
@@ -143,55 +110,89 @@ def send(
 
     Example: newsletter send digests/2026-11-20-weekly-links.md --to me@example.com
     """
+    from newsletter import sender
+    from newsletter.store import open_store
+
     if (digest is None) == (resume is None):
         raise click.UsageError("give either DIGEST or --resume ISSUE_ID")
+    if resume is not None and (to or dry_run):
+        raise click.UsageError("--to and --dry-run need a DIGEST, not --resume")
     config = settings()
+    fast_thread_switching()
     with open_store(config) as store:
         if resume is not None:
-            if to or dry_run:
-                raise click.UsageError("--to and --dry-run need a DIGEST, not --resume")
-            run_issue(store, config, resume, total=None)
+            _deliver(lambda **options: sender.Sender(store, config, **options).run(resume), None)
             return
-        plan = plan_send(store, config, digest, force=force or bool(to))
+        plan = sender.plan_send(store, config, digest, force=force or bool(to) or dry_run)
+        if to or dry_run:
+            _warn(plan)
         if to:
-            for finding in plan.rendered.findings:
-                if finding.severity == MUST_FIX:
-                    click.echo(f"warning: {digest}:{finding.line}: {finding.message}", err=True)
-            if dry_run:
-                click.echo(f"dry run: would send test copies to {', '.join(to)}; nothing sent")
-                return
-            _test_copies(store, config, plan, to)
+            _test_copies(store, config, to, plan, dry_run)
             return
         verb = f"resume issue {plan.resume.id}:" if plan.resume else "send"
         line = f"{verb} {plan.rendered.subject!r} to {plan.recipients} subscriber(s)"
         if dry_run:
-            click.echo(f"dry run: would {line}; nothing sent")
+            again = ""
+            if plan.previous is not None and not force:
+                again = f" (already sent as issue {plan.previous.id}: it needs --force)"
+            click.echo(f"dry run: would {line}{again}; nothing sent")
             return
         if plan.resume is None and not yes:
             _confirm(line)
-        check_transport(transport_factory(config))
-        issue_id = start_send(store, plan, force=force)
-        run_issue(store, config, issue_id, total=plan.recipients)
+        _deliver(
+            lambda **options: sender.send_issue(store, config, plan, force=force, **options),
+            plan.recipients,
+        )
+
+
+def _deliver(start, total: int | None) -> None:
+    """Run a send with a progress bar on a terminal and a line per minute of waiting; print
+    the summary; exit 1 if it could not finish."""
+    config = settings()
+    with stop_on_signals() as stop:
+        progress = _progress(total)
+        if progress is None:
+            report = start(stop=stop, on_waiting=_waiting)
+        else:
+            bar, total = progress
+            with bar:
+                task = bar.add_task("send", total=total)
+                report = start(
+                    stop=stop,
+                    on_waiting=_waiting,
+                    on_result=lambda status: bar.advance(task) if status != "retried" else None,
+                )
+    _finish(report, config)
 
 
 def _confirm(line: str) -> None:
+    from newsletter.errors import InputError
+
     if not sys.stdin.isatty():
         raise InputError(f"about to {line}: pass --yes to confirm when not on a terminal")
     if not click.confirm(f"{line[0].upper()}{line[1:]}?", default=False):
         raise InputError("cancelled; nothing sent")
 
 
-def _test_copies(store: Store, config: Settings, plan, to: tuple[str, ...]) -> None:
+def _warn(plan) -> None:
+    """What `check` would refuse, as warnings: test copies and dry runs go ahead anyway."""
+    from newsletter.digest import MUST_FIX
+
+    for finding in plan.rendered.findings:
+        if finding.severity == MUST_FIX:
+            click.echo(f"warning: {plan.digest.path}:{finding.line}: {finding.message}", err=True)
+
+
+def _test_copies(store, config: Settings, to: tuple[str, ...], plan, dry_run: bool) -> None:
+    from newsletter.sender import send_test_copies
+    from newsletter.subscribers import normalise_email
+
     addresses = [normalise_email(address, "--to") for address in to]
-    results = send_test_copies(
-        config, plan.rendered, addresses, transport_factory(config), secret_key(config, store)
-    )
+    if dry_run:
+        click.echo(f"dry run: would send test copies to {', '.join(addresses)}; nothing sent")
+        return
+    results = send_test_copies(store, config, plan.rendered, addresses)
     for address, outcome in results:
         click.echo(f"test copy to {address}: {outcome.status} ({outcome.answer})")
     if any(outcome.status != "sent" for _, outcome in results):
         sys.exit(1)
-
-
-def register(group: click.Group) -> None:
-    """Add ``send`` to the ``newsletter`` group."""
-    group.add_command(send)

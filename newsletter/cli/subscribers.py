@@ -6,17 +6,21 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
-from sqlalchemy.orm import Session
 
-from newsletter import outbound, signup, subscriber_io, subscribers
-from newsletter.cli import settings
-from newsletter.store import SUBSCRIBER_STATUSES, Store, open_store
+from newsletter.cli.common import settings
+
+if TYPE_CHECKING:
+    from sqlalchemy.orm import Session
+
+    from newsletter.store import Store
 
 CSV_FILE = click.Path(path_type=Path, dir_okay=False)
+STATUSES = ("pending", "active", "unsubscribed", "bounced", "complained")
 status_option = click.option(
-    "--status", type=click.Choice(SUBSCRIBER_STATUSES), help="Only subscribers in this status."
+    "--status", type=click.Choice(STATUSES), help="Only subscribers in this status."
 )
 resubscribe_option = click.option(
     "--resubscribe",
@@ -28,6 +32,8 @@ resubscribe_option = click.option(
 @contextmanager
 def _transaction() -> Iterator[Session]:
     """One transaction on the configured database: committed at the end, or nothing written."""
+    from newsletter.store import open_store
+
     with open_store(settings()) as store, store.begin() as session:
         yield session
 
@@ -37,36 +43,46 @@ class _Confirmations:
     exist exactly when the pending rows do) and sent once it has committed."""
 
     def __init__(self, store: Store, pending: bool) -> None:
+        from newsletter.signup import make_tokens
+
         self.store, self.config = store, settings()
-        self.tokens = signup.make_tokens(self.config, store) if pending else None
-        self.ids: list[int] = []
+        self.tokens = make_tokens(self.config, store) if pending else None
+        self.queued = 0
 
     def queue(self, session: Session, emails: list[str]) -> None:
+        from newsletter.outbound import queue_confirmations
+
         if self.tokens is not None and emails:
-            self.ids += outbound.queue_confirmations(session, self.config, self.tokens, emails)
+            self.queued += len(queue_confirmations(session, self.config, self.tokens, emails))
 
     def send(self) -> None:
-        _send_confirmations(self.store, self.ids)
+        """Send what is queued now; exit 1 if some of it must wait for a retry."""
+        from newsletter.errors import DeliveryError
+        from newsletter.sender import send_queued_mail
 
-
-def _send_confirmations(store: Store, ids: list[int]) -> None:
-    """Send the confirmation emails just queued; exit 1 if some must wait for a retry."""
-    if not ids:
-        return
-    report = outbound.drain(store, settings(), ids)
-    click.echo(f"{report.sent} confirmation email{'' if report.sent == 1 else 's'} sent")
-    for address, answer in report.failures:
-        click.echo(f"error: confirmation email to {address} failed: {answer}", err=True)
-    waiting = len(ids) - report.sent - report.failed - report.bounced
-    if waiting:
-        click.echo(
-            f"error: {waiting} confirmation email(s) not sent yet"
-            f" ({report.unreachable or 'the server asked us to retry'});"
-            " they stay queued and `newsletter serve` retries them",
-            err=True,
-        )
-    if waiting or report.failures:
-        sys.exit(1)
+        if not self.queued:
+            return
+        try:
+            report = send_queued_mail(self.store, self.config)
+        except DeliveryError as exc:
+            click.echo(
+                f"error: {self.queued} confirmation email(s) not sent yet ({exc}); they stay"
+                " queued and `newsletter worker` sends them",
+                err=True,
+            )
+            sys.exit(1)
+        click.echo(f"{report.sent} confirmation email{'' if report.sent == 1 else 's'} sent")
+        for address, answer in report.failures:
+            click.echo(f"error: confirmation email to {address} failed: {answer}", err=True)
+        if report.open:
+            reason = report.stopped_reason or "the server asked us to retry"
+            click.echo(
+                f"error: {report.open} email(s) not sent yet ({reason}); they stay queued"
+                " and `newsletter worker` sends them",
+                err=True,
+            )
+        if report.open or report.failures:
+            sys.exit(1)
 
 
 @click.group(name="subscribers")
@@ -84,6 +100,9 @@ def add(email: str, name: str | None, pending: bool, resubscribe: bool) -> None:
 
     Example: newsletter subscribers add ada@example.com --name "Ada Lovelace"
     """
+    from newsletter import subscribers
+    from newsletter.store import open_store
+
     status = "pending" if pending else "active"
     with open_store(settings()) as store:
         confirmations = _Confirmations(store, pending)
@@ -107,6 +126,8 @@ def remove(email: str, purge: bool) -> None:
 
     Example: newsletter subscribers remove ada@example.com --purge
     """
+    from newsletter import subscribers
+
     with _transaction() as session:
         if purge:
             deleted = subscribers.purge(session, email)
@@ -130,6 +151,8 @@ def list_(status: str | None, fmt: str) -> None:
 
     Example: newsletter subscribers list --status active --format json
     """
+    from newsletter import subscriber_io, subscribers
+
     with _transaction() as session:
         if fmt == "csv":
             subscriber_io.export_csv(session, sys.stdout, status)
@@ -167,6 +190,9 @@ def import_(file: Path, pending: bool, resubscribe: bool) -> None:
 
     Example: newsletter subscribers import subscribers/sample.csv
     """
+    from newsletter import subscriber_io
+    from newsletter.store import open_store
+
     status = "pending" if pending else "active"
     with open_store(settings()) as store:
         confirmations = _Confirmations(store, pending)  # a restored backup's pending: no mail
@@ -194,13 +220,10 @@ def export(file: Path | None, status: str | None) -> None:
 
     Example: newsletter subscribers export backup.csv
     """
+    from newsletter import subscriber_io
+
     with _transaction() as session:
         to_stdout = file is None or str(file) == "-"
         written = subscriber_io.export_csv(session, sys.stdout if to_stdout else file, status)
     if not to_stdout:
         click.echo(f"{file}: {written} subscribers")
-
-
-def register(main: click.Group) -> None:
-    """Add ``subscribers`` to the ``newsletter`` group."""
-    main.add_command(group)
