@@ -1,5 +1,5 @@
 """The ledger of every message: one delivery row per (issue, subscriber), and one per one-off
-message (a confirmation; no issue, its finished body in the row).
+message (a confirmation: no issue, a ``kind`` that says what to build when it is sent).
 
     queued ──claim──► sending ──server accepted──► sent
        ▲                 │ 4xx / dropped ─► queued again (next_attempt_at), or failed at last
@@ -114,7 +114,7 @@ class Claimed:
     attempts: int
     name: str | None
     mailable: bool  # the subscriber may still get it (active; for one-off mail: not stopped)
-    body: bytes | None  # one-off mail: the finished message
+    kind: str | None  # one-off mail: what to build ("confirm"); None for an issue
 
 
 def serialise_rendered(issue: RenderedIssue) -> bytes:
@@ -206,31 +206,28 @@ def create_issue(
         return issue, True
 
 
-def queue_mail(
-    session: Session, subscriber_id: int, email: str, body: bytes, message_id: str
-) -> int:
-    """Queue one finished message in the caller's transaction (sent once that commits);
-    on PostgreSQL the commit also wakes the workers listening."""
-    delivery_id = session.scalar(
-        insert(Delivery)
-        .values(
-            subscriber_id=subscriber_id,
-            email=email,
-            body=body,
-            message_id=message_id,
-            status="queued",
-            attempts=0,
-            created_at=utcnow(),
+def queue_mail(session: Session, kind: str, recipients: list[tuple[int, str]]) -> int:
+    """Queue one-off mail of ``kind`` to each (subscriber id, address) in the caller's
+    transaction: sent once that commits; on PostgreSQL the commit also wakes the workers
+    listening. How many were queued."""
+    if recipients:
+        now = utcnow()
+        session.execute(
+            _QUEUE,
+            [
+                {"subscriber_id": subscriber_id, "email": email, "kind": kind, "created_at": now}
+                for subscriber_id, email in recipients
+            ],
         )
-        .returning(Delivery.id)
-    )
-    if _postgresql(session):
-        session.execute(select(func.pg_notify(MAIL_CHANNEL, "")))
-    return delivery_id
+        if _postgresql(session):
+            session.execute(_NOTIFY)
+    return len(recipients)
 
 
 _D = Delivery.__table__
 _S = Subscriber.__table__
+_QUEUE = insert(_D).values(status="queued", attempts=0)
+_NOTIFY = select(func.pg_notify(MAIL_CHANNEL, ""))
 
 
 def _in_scope(issue_id: Scope):
@@ -257,7 +254,7 @@ def _claim_statement(one_off: bool):
             claimed_at=bindparam("b_now"),
             attempts=_D.c.attempts + 1,
         )
-        .returning(*returned, *([_D.c.body] if one_off else []))
+        .returning(*returned, _D.c.kind)
     )
 
 
@@ -277,7 +274,7 @@ _MARK_SENT = (
         status="sent",
         claimed_by=None,
         last_answer=bindparam("b_answer"),
-        message_id=func.coalesce(bindparam("b_message_id"), _D.c.message_id),
+        message_id=bindparam("b_message_id"),
         sent_at=bindparam("b_sent_at"),
     )
 )
@@ -301,21 +298,20 @@ def claim(db: Connection | Session, issue_id: Scope, owner: str, limit: int) -> 
     claimed = []
     for row in sorted(rows, key=lambda r: r.id):
         name, status = people.get(row.subscriber_id, (None, None))
-        body = getattr(row, "body", None)
-        mailable = status == "active" or (body is not None and status not in STOPPED_STATUSES)
+        mailable = status == "active" or (row.kind is not None and status not in STOPPED_STATUSES)
         claimed.append(
-            Claimed(row.id, row.subscriber_id, row.email, row.attempts, name, mailable, body)
+            Claimed(row.id, row.subscriber_id, row.email, row.attempts, name, mailable, row.kind)
         )
     return claimed
 
 
 def record_sent(
-    db: Connection | Session, owner: str, sent: list[tuple[int, str, str | None, datetime]]
+    db: Connection | Session, owner: str, sent: list[tuple[int, str, str, datetime]]
 ) -> None:
     """Mark accepted deliveries sent, many in one statement and one commit.
 
-    ``sent`` holds (delivery id, server answer, message id or None to keep the queued
-    one's, time accepted); rows that are no longer this owner's are left alone.
+    ``sent`` holds (delivery id, server answer, message id, time accepted); rows that are
+    no longer this owner's are left alone.
     """
     if sent:
         db.execute(
@@ -414,7 +410,7 @@ def reclaim_abandoned(
             ):
                 continue
             journaled = found.entries()
-            replayed = [(i, "250 (from the journal)", m or None, t) for i, m, t in journaled]
+            replayed = [(i, "250 (from the journal)", m, t) for i, m, t in journaled]
             record_sent(db, owner, replayed)
             found.discard()
         if not alive:

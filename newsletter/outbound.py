@@ -1,9 +1,9 @@
-"""One-off mail: the signup confirmation, built when the signup happens and queued with it.
+"""One-off mail: the signup confirmation, queued with the signup and built when it is sent.
 
-A confirmation is queued (a delivery without an issue, :func:`newsletter.ledger.queue_mail`)
-in the same transaction that makes the subscriber pending, so a crash can lose neither
-half, and a web request never waits on SMTP: the worker sends it, with the same engine
-as an issue's send.
+A confirmation is queued (a delivery of kind "confirm" without an issue,
+:func:`newsletter.ledger.queue_mail`) in the same transaction that makes the subscriber
+pending, so a crash can lose neither half. The web request neither builds nor sends
+mail: the worker builds it as it sends it, with the same engine as an issue's send.
 
 The message carries nothing the visitor typed but the address itself: no name in the
 subject, the ``To`` header or the body, so a bot cannot put its words in front of a
@@ -18,7 +18,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from newsletter.config import Settings
-from newsletter.ledger import queue_mail
+from newsletter.ledger import Claimed, queue_mail
 from newsletter.message import one_off
 from newsletter.render import template_environment
 from newsletter.store import Subscriber
@@ -52,18 +52,22 @@ def confirmation(settings: Settings, tokens: Tokens, email: str) -> tuple[bytes,
     )
 
 
-def queue_confirmations(
-    session: Session, settings: Settings, tokens: Tokens, emails: Iterable[str]
-) -> list[int]:
+def queue_confirmations(session: Session, emails: Iterable[str]) -> int:
     """Queue a confirmation for each subscriber address in the caller's transaction."""
     wanted = list(emails)
-    ids = dict(
-        session.execute(
-            select(Subscriber.email, Subscriber.id).where(Subscriber.email.in_(wanted))
-        ).all()
-    )
-    queued = []
-    for email in wanted:
-        body, message_id = confirmation(settings, tokens, email)
-        queued.append(queue_mail(session, ids[email], email, body, message_id))
-    return queued
+    ids: dict[str, int] = {}
+    for start in range(0, len(wanted), 1000):
+        chunk = wanted[start : start + 1000]
+        ids |= dict(
+            session.execute(
+                select(Subscriber.email, Subscriber.id).where(Subscriber.email.in_(chunk))
+            ).all()
+        )
+    return queue_mail(session, "confirm", [(ids[email], email) for email in wanted])
+
+
+def one_off_message(settings: Settings, tokens: Tokens, delivery: Claimed) -> tuple[bytes, str]:
+    """The message of a one-off delivery, by its kind: wire bytes and Message-ID."""
+    if delivery.kind == "confirm":
+        return confirmation(settings, tokens, delivery.email)
+    raise ValueError(f"no message of kind {delivery.kind!r}")

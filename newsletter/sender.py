@@ -55,6 +55,7 @@ from newsletter.message import (
     new_message_id,
     wire_address,
 )
+from newsletter.outbound import one_off_message
 from newsletter.pacing import Pacer, backoff
 from newsletter.render import RenderedIssue, render_issue
 from newsletter.store import Issue, Store, Subscriber, get_or_create_secret_key, utcnow
@@ -382,7 +383,7 @@ class _Worker:
         self.sender = run.sender
         self.owner = run.owner
         self.options = self.sender.options
-        self.accepted: list[tuple[int, str, str | None, datetime]] = []
+        self.accepted: list[tuple[int, str, str, datetime]] = []
         self.first_accepted = 0.0
         self.failures = 0
         self.renewed = (0.0, 0.0)  # monotonic and wall-clock time of the last claim or renewal
@@ -452,11 +453,10 @@ class _Worker:
             self._deliver(delivery)
         return True
 
-    def _message(self, delivery: Claimed) -> tuple[bytes, str | None]:
-        """The wire bytes of a delivery, and its new Message-ID (None: one-off mail keeps
-        the one it was queued with)."""
-        if delivery.body is not None:
-            return delivery.body, None
+    def _message(self, delivery: Claimed) -> tuple[bytes, str]:
+        """The wire bytes of a delivery, and its Message-ID."""
+        if delivery.kind is not None:
+            return one_off_message(self.sender.settings, self.sender.tokens, delivery)
         template = self.run_.template
         assert template is not None
         message_id = new_message_id(template.domain)
@@ -490,7 +490,7 @@ class _Worker:
             return
         if outcome.status == "sent":
             now = time.time()
-            run.journal.accepted(delivery.id, message_id or "", now)
+            run.journal.accepted(delivery.id, message_id, now)
             if not self.accepted:
                 self.first_accepted = time.monotonic()
             self.accepted.append(

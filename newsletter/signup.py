@@ -29,11 +29,11 @@ from collections.abc import Callable
 from datetime import datetime, timedelta
 from typing import Literal
 
-from sqlalchemy import delete, func, select, text
+from sqlalchemy import and_, bindparam, delete, func, insert, or_, select, text, update
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
-from newsletter import outbound, subscribers
+from newsletter import subscribers
 from newsletter.config import Settings
 from newsletter.errors import InputError, InvalidField
 from newsletter.ledger import queue_mail
@@ -95,12 +95,25 @@ def _validated(email: str, name: str | None) -> tuple[str, str | None]:
         raise InvalidSignup("name", f"The name {exc.reason}.") from None
 
 
-def _attempts(session: Session, key: str, since: datetime) -> int:
-    return session.scalar(
-        select(func.count())
-        .select_from(SignupAttempt)
-        .where(SignupAttempt.key == key, SignupAttempt.attempted_at > since)
+# Built once: a signup is a handful of prebuilt statements under the write lock.
+_S = Subscriber.__table__
+_A = SignupAttempt.__table__
+_COUNTS = (
+    select(_A.c.key, func.count())
+    .where(
+        or_(
+            and_(_A.c.key == bindparam("ip"), _A.c.attempted_at > bindparam("ip_since")),
+            and_(
+                _A.c.key == bindparam("address"),
+                _A.c.attempted_at > bindparam("address_since"),
+            ),
+        )
     )
+    .group_by(_A.c.key)
+)
+_RECORD = insert(_A)
+_FIND = select(_S.c.id, _S.c.status).where(_S.c.email == bindparam("email"))
+_ADD = insert(_S).returning(_S.c.id)
 
 
 def _retry_after(session: Session, key: str, now: datetime) -> int:
@@ -135,30 +148,42 @@ def signup(
     if (website or "").strip():
         return "honeypot"
     address, name = _validated(email, name)
-    body, message_id = outbound.confirmation(settings, tokens, address)
     ip_key = client_key(ip)
     now = utcnow()
     with store.write(keys=[address, ip_key]) as session:
-        if _attempts(session, ip_key, now - PER_IP_WINDOW) >= PER_IP_LIMIT:
+        counts = dict(
+            session.execute(
+                _COUNTS,
+                {
+                    "ip": ip_key,
+                    "ip_since": now - PER_IP_WINDOW,
+                    "address": address,
+                    "address_since": now - PER_ADDRESS_WINDOW,
+                },
+            ).all()
+        )
+        if counts.get(ip_key, 0) >= PER_IP_LIMIT:
             raise TooManySignups(_retry_after(session, ip_key, now))
-        session.add(SignupAttempt(key=ip_key, attempted_at=now))
-        subscriber = session.scalar(select(Subscriber).where(Subscriber.email == address))
-        if subscriber is None:
-            subscriber = Subscriber(email=address, name=name, source="form", created_at=now)
-            session.add(subscriber)
-            changes = subscribers.status_changes(None, "pending", now)
-        elif subscriber.status in ("pending", "unsubscribed"):  # unsubscribed: came back, asked
-            new = subscribers.next_status(subscriber.status, "pending", resubscribe=True)
-            changes = subscribers.status_changes(subscriber.status, new, now)
+        attempts = [{"key": ip_key, "attempted_at": now}]
+        found = session.execute(_FIND, {"email": address}).first()
+        if found is None:
+            row = {"email": address, "name": name, "source": "form", "created_at": now}
+            row |= {"confirmed_at": None} | subscribers.status_changes(None, "pending", now)
+            subscriber_id = session.scalar(_ADD, row)
+        elif found.status in ("pending", "unsubscribed"):  # unsubscribed: came back, asked
+            new = subscribers.next_status(found.status, "pending", resubscribe=True)
+            changes = subscribers.status_changes(found.status, new, now)
+            if changes:
+                session.execute(update(_S).where(_S.c.id == found.id).values(changes))
+            subscriber_id = found.id
         else:  # active: no mail again; bounced, complained: left alone
-            return "active" if subscriber.status == "active" else "stopped"
-        for column, value in changes.items():
-            setattr(subscriber, column, value)
-        if _attempts(session, address, now - PER_ADDRESS_WINDOW) >= PER_ADDRESS_LIMIT:
+            session.execute(_RECORD, attempts)
+            return "active" if found.status == "active" else "stopped"
+        if counts.get(address, 0) >= PER_ADDRESS_LIMIT:
+            session.execute(_RECORD, attempts)
             return "limited"
-        session.add(SignupAttempt(key=address, attempted_at=now))
-        session.flush()
-        queue_mail(session, subscriber.id, address, body, message_id)
+        session.execute(_RECORD, [*attempts, {"key": address, "attempted_at": now}])
+        queue_mail(session, "confirm", [(subscriber_id, address)])
     return "queued"
 
 

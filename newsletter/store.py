@@ -18,8 +18,8 @@ Statuses, held by CHECK constraints:
                           sent          every delivery reached a final state
                           cancelled     stopped by the user; its queued deliveries are skipped
     deliveries.status     queued → sending → sent | failed | bounced, or skipped; a delivery
-                          belongs to an issue, or (``issue_id`` NULL) is one-off mail such as
-                          a confirmation and carries its finished ``body``
+                          belongs to an issue, or (``issue_id`` NULL) is one-off mail of a
+                          ``kind`` (ONE_OFF_KINDS), built when it is sent
 
 An issue's totals are columns, not derived from its deliveries, because purging a
 subscriber deletes their delivery rows and an issue's history must not change with it;
@@ -74,6 +74,7 @@ STOPPED_STATUSES = ("unsubscribed", "bounced", "complained")
 SOURCES = ("cli", "import", "form")
 ISSUE_STATUSES = ("sending", "sent", "cancelled")
 DELIVERY_STATUSES = ("queued", "sending", "sent", "failed", "bounced", "skipped")
+ONE_OFF_KINDS = ("confirm",)  # what one-off mail can be: the worker builds it as it sends
 SCHEDULE_KINDS = ("once", "cron")
 SCHEDULE_STATUSES = ("scheduled", "running", "done", "missed", "failed", "cancelled")
 
@@ -176,7 +177,7 @@ class Issue(Base):
 
 class Delivery(Base):
     """The ledger of every message: one row per (issue, subscriber), so nobody gets an issue
-    twice, and one row per one-off message (no issue, its ``body`` built when queued)."""
+    twice, and one row per one-off message (no issue; its ``kind`` says what to build)."""
 
     __tablename__ = "deliveries"
     __table_args__ = (
@@ -200,7 +201,7 @@ class Delivery(Base):
     next_attempt_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
     sent_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
     created_at: Mapped[datetime | None] = mapped_column(UtcDateTime, default=utcnow)
-    body: Mapped[bytes | None] = mapped_column(LargeBinary)  # one-off mail: SMTP wire bytes
+    kind: Mapped[str | None] = mapped_column(String(16))  # one-off mail: "confirm"
 
 
 class Schedule(Base):

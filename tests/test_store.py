@@ -105,13 +105,13 @@ def test_upgrade_from_the_first_migration_keeps_data(database_url: str) -> None:
         delivery = session.scalars(select(Delivery)).one()
         assert (delivery.subscriber_id, delivery.status) == (subscriber.id, "sent")
         assert get_or_create_secret_key(store.engine) == "k"
-        session.add(Delivery(subscriber_id=subscriber.id, email=subscriber.email, body=b"x"))
+        session.add(Delivery(subscriber_id=subscriber.id, email=subscriber.email, kind="confirm"))
         session.add(SignupAttempt(key="ann@example.com"))
 
 
 def test_queued_confirmations_move_into_the_one_queue(database_url: str) -> None:
-    """Upgrading from 0004: queued and sent confirmations become deliveries without an
-    issue (body, attempts and times kept); one for an address no longer on the list is
+    """Upgrading from 0004: queued and sent confirmations become one-off deliveries of kind
+    "confirm" (attempts and times kept); one for an address no longer on the list is
     dropped; APScheduler's old job table goes."""
     engine = make_engine(database_url)
     now = datetime(2026, 11, 25, 12, 0)
@@ -144,7 +144,7 @@ def test_queued_confirmations_move_into_the_one_queue(database_url: str) -> None
             "queued",
             2,
         )
-        assert row.body == b"wire bytes" and row.created_at == now.replace(tzinfo=UTC)
+        assert row.kind == "confirm" and row.created_at == now.replace(tzinfo=UTC)
         tables = set(inspect(store.engine).get_table_names())
         assert not {"outbound_mail", "apscheduler_jobs"} & tables
 

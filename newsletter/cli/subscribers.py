@@ -43,17 +43,14 @@ class _Confirmations:
     exist exactly when the pending rows do) and sent once it has committed."""
 
     def __init__(self, store: Store, pending: bool) -> None:
-        from newsletter.signup import make_tokens
-
-        self.store, self.config = store, settings()
-        self.tokens = make_tokens(self.config, store) if pending else None
+        self.store, self.config, self.pending = store, settings(), pending
         self.queued = 0
 
     def queue(self, session: Session, emails: list[str]) -> None:
         from newsletter.outbound import queue_confirmations
 
-        if self.tokens is not None and emails:
-            self.queued += len(queue_confirmations(session, self.config, self.tokens, emails))
+        if self.pending and emails:
+            self.queued += queue_confirmations(session, emails)
 
     def send(self) -> None:
         """Send what is queued now; exit 1 if some of it must wait for a retry."""
