@@ -65,3 +65,7 @@ _schedule.register(main)
 from newsletter.cli import serve as _serve  # noqa: E402
 
 _serve.register(main)
+
+from newsletter.cli import preview as _preview  # noqa: E402
+
+_preview.register(main)
