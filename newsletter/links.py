@@ -12,13 +12,15 @@ from __future__ import annotations
 import asyncio
 import socket
 import ssl
+import threading
 from collections import defaultdict
 from collections.abc import Iterable
+from concurrent.futures import Future
 from dataclasses import dataclass
 from enum import Enum
 from importlib.metadata import PackageNotFoundError, version
 from itertools import pairwise
-from urllib.parse import urldefrag, urlsplit
+from urllib.parse import urlsplit
 
 import httpx
 
@@ -83,11 +85,32 @@ def check_links(
 ) -> dict[str, LinkResult]:
     """Fetch every URL (fragments aside, each once) and say what answered, by URL given."""
     given = list(dict.fromkeys(urls))
-    fetched = list(dict.fromkeys(urldefrag(url).url for url in given))
+    fetched = list(dict.fromkeys(_page(url) for url in given))
     if not fetched:
         return {}
-    results = asyncio.run(_check_all(fetched, timeout, per_host))
-    return {url: _as_given(url, results[urldefrag(url).url]) for url in given}
+    results = _in_own_loop(fetched, timeout, per_host)
+    return {url: _as_given(url, results[_page(url)]) for url in given}
+
+
+def _page(url: str) -> str:
+    """The URL without its fragment, which never reaches the server."""
+    return url.split("#", 1)[0]
+
+
+def _in_own_loop(urls: list[str], timeout: float, per_host: int) -> dict[str, LinkResult]:
+    """Run the fetches on an event loop of their own, in a thread of their own: it works
+    whether or not the caller already runs a loop (a notebook, Playwright's sync API), and
+    asyncio.run sets no SIGINT handler outside the main thread (library code sets none)."""
+    answer: Future[dict[str, LinkResult]] = Future()
+
+    def run() -> None:
+        try:
+            answer.set_result(asyncio.run(_check_all(urls, timeout, per_host)))
+        except BaseException as exc:
+            answer.set_exception(exc)
+
+    threading.Thread(target=run, name="link-check", daemon=True).start()
+    return answer.result()
 
 
 def _as_given(url: str, result: LinkResult) -> LinkResult:
@@ -108,8 +131,12 @@ async def _check_all(urls: list[str], timeout: float, per_host: int) -> dict[str
     ) as client:
 
         async def one(url: str) -> LinkResult:
-            host = (urlsplit(url).hostname or "").lower()
-            if not host:
+            try:
+                parts = urlsplit(url)
+                host, _ = (parts.hostname or "").lower(), parts.port
+            except ValueError:  # an unclosed IPv6 bracket, a port out of range
+                return LinkResult(url, failure=Failure.INVALID)
+            if not host or parts.scheme.lower() not in ("http", "https"):
                 return LinkResult(url, failure=Failure.INVALID)
             if host == "invalid" or host.endswith(".invalid"):
                 return LinkResult(url, failure=Failure.DNS)
@@ -124,7 +151,7 @@ async def _check_one(client: httpx.AsyncClient, url: str, timeout: float) -> Lin
     try:
         async with asyncio.timeout(timeout):
             response = await _fetch(client, url)
-    except (httpx.HTTPError, httpx.InvalidURL, TimeoutError, OSError) as exc:
+    except Exception as exc:  # one odd URL or server must not stop the check of the others
         return LinkResult(url, failure=_failure(exc))
     final = str(response.url)
     return LinkResult(
@@ -158,11 +185,15 @@ def _permanent_target(response: httpx.Response) -> str | None:
 
 
 def _causes(exc: BaseException) -> list[BaseException]:
+    """The exception, what caused it, and so on; a group stands for its first member."""
     chain: list[BaseException] = []
     current: BaseException | None = exc
     while current is not None and current not in chain:
         chain.append(current)
-        current = current.__cause__ or current.__context__
+        if isinstance(current, BaseExceptionGroup) and current.exceptions:
+            current = current.exceptions[0]
+        else:
+            current = current.__cause__ or current.__context__
     return chain
 
 
@@ -172,9 +203,10 @@ def _failure(exc: BaseException) -> Failure:
         return Failure.TIMEOUT
     if isinstance(exc, httpx.TooManyRedirects):
         return Failure.REDIRECT_LOOP
-    if isinstance(exc, httpx.InvalidURL | httpx.UnsupportedProtocol):
-        return Failure.INVALID
     causes = _causes(exc)
+    invalid = (httpx.InvalidURL, httpx.UnsupportedProtocol, ValueError, OverflowError)
+    if any(isinstance(cause, invalid) for cause in causes):
+        return Failure.INVALID
     if any(isinstance(cause, socket.gaierror) for cause in causes):
         return Failure.DNS
     if any(isinstance(cause, ssl.SSLError) for cause in causes):

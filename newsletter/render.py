@@ -164,14 +164,23 @@ def _drop_title_heading(root: lxml_html.HtmlElement, title: str) -> None:
         root.remove(first)
 
 
+def _scheme(url: str) -> str | None:
+    """The URL's scheme in lower case ("" for a relative one); None when it does not parse."""
+    try:
+        return urlsplit(url).scheme.lower()
+    except ValueError:  # an unclosed IPv6 bracket, a bad port
+        return None
+
+
 def _check_links(root: lxml_html.HtmlElement, digest: Digest) -> list[Finding]:
     findings = []
     for link in root.iter("a"):
         href = (link.get("href") or "").strip()
-        scheme = urlsplit(href).scheme.lower()
+        scheme = _scheme(href)
         if href and not href.startswith("#") and scheme not in _SAFE_SCHEMES:
             line = digest.line_of(href.split("(")[0]) if href else digest.body_line
-            findings.append(Finding(line, f"link {href!r} is not http(s) or mailto", MUST_FIX))
+            problem = "is not a valid URL" if scheme is None else "is not http(s) or mailto"
+            findings.append(Finding(line, f"link {href!r} {problem}", MUST_FIX))
     return findings
 
 
@@ -180,7 +189,7 @@ def _body_links(root: lxml_html.HtmlElement, digest: Digest) -> list[Link]:
     urls = dict.fromkeys(
         href
         for a in root.iter("a")
-        if urlsplit(href := (a.get("href") or "").strip()).scheme.lower() in {"http", "https"}
+        if _scheme(href := (a.get("href") or "").strip()) in {"http", "https"}
     )
     return [Link(url, digest.lines_of_url(url) or (_nearest_line(url, digest),)) for url in urls]
 
@@ -218,7 +227,7 @@ def _resolve_images(
     findings: list[Finding] = []
     for img in list(root.iter("img")):
         src = (img.get("src") or "").strip()
-        if urlsplit(src).scheme.lower() in {"http", "https", "cid"}:
+        if _scheme(src) in {"http", "https", "cid"}:
             continue
         if src.startswith("//"):
             img.set("src", "https:" + src)

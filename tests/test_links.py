@@ -166,3 +166,11 @@ def test_check_links_timeout_must_be_positive(runner: CliRunner, clean_env: Path
     result = runner.invoke(main, ["check", "--links", "--timeout", "0", "d.md"])
     assert result.exit_code == 2
     assert "--timeout" in result.output
+
+
+def test_malformed_urls_are_invalid_not_a_crash() -> None:
+    """A port out of range or an unclosed IPv6 bracket is reported as not a valid URL, and
+    the other links are still checked."""
+    urls = ["http://127.0.0.1:99999/", "http://[::1/x", "ftp://example.invalid/", "http:///x"]
+    results = check_links(urls, timeout=5)
+    assert {url: results[url].failure for url in urls} == dict.fromkeys(urls, Failure.INVALID)

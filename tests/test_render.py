@@ -279,3 +279,13 @@ def test_images_without_alt_text_are_warnings() -> None:
     issue = render_issue(digest, load_settings({}, dotenv_path=Path("/nonexistent")))
     warnings = [(f.line, f.severity) for f in issue.findings if "no alt text" in f.message]
     assert warnings == [(3, "warning"), (7, "warning")]
+
+
+def test_unparsable_link_is_must_fix_not_a_crash() -> None:
+    """A link whose URL does not parse (an unclosed IPv6 bracket) must be fixed; it renders."""
+    digest = parse_digest("# T\n\n[x](http://[::1)\n", "d.md")
+    issue = render_issue(digest, load_settings({}, dotenv_path=Path("/nonexistent")))
+    assert [(f.line, f.message, f.severity) for f in issue.findings] == [
+        (3, "link 'http://[::1' is not a valid URL", MUST_FIX)
+    ]
+    assert issue.links == ()
