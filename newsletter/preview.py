@@ -23,6 +23,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import quote, unquote, urlsplit
 
+from lxml import html as lxml_html
+
 from newsletter.config import Settings
 from newsletter.digest import MUST_FIX, Digest, Finding, load_digest
 from newsletter.errors import DigestError, InputError
@@ -31,6 +33,7 @@ from newsletter.render import (
     SAMPLE_RECIPIENT,
     RenderedIssue,
     default_templates_dir,
+    markdown_to_html,
     render_issue,
 )
 
@@ -38,10 +41,7 @@ HOST = "127.0.0.1"
 DEFAULT_PORT = 8001
 POLL_SECONDS = 0.25
 KEEPALIVE_SECONDS = 15.0
-WATCHED_FILES_LIMIT = 2000
-IMAGE_SUFFIXES = frozenset(
-    {".png", ".jpg", ".jpeg", ".gif", ".webp", ".svg", ".avif", ".bmp", ".ico"}
-)
+WATCHED_ENTRIES_LIMIT = 1000
 PAGE = default_templates_dir() / "preview" / "page.html"
 
 ExtraFindings = Callable[[Digest, RenderedIssue], list[Finding]]
@@ -83,6 +83,7 @@ class Preview:
         self._changed = threading.Condition()
         self._snapshot = Snapshot(0, None, (), None)
         self._fingerprint: tuple = ()
+        self._images: tuple[Path, ...] = ()
         self.closed = False
         self.refresh()
 
@@ -108,6 +109,7 @@ class Preview:
         issue, findings, error = previous.issue, previous.findings, None
         try:
             digest = load_digest(self.path)
+            self._images = local_images(digest)
             issue = render_issue(digest, self.settings)
             findings = tuple(issue.findings if self._extra is None else self._extra(digest, issue))
         except DigestError as exc:
@@ -141,43 +143,57 @@ class Preview:
         return tuple(state)
 
     def _watched_files(self) -> Iterator[Path]:
-        """The digest, the images beside it (two folders deep) and every template file."""
+        """The digest, the local images it shows (there or not yet) and the template files."""
         yield self.path
-        images = (
-            path
-            for path in _files(self.path.parent, depth=2)
-            if path.suffix.lower() in IMAGE_SUFFIXES
-        )
-        yield from _limited(images)
+        yield from self._images
         template_dirs = [self.settings.templates_dir, default_templates_dir()]
         for directory in dict.fromkeys(d for d in template_dirs if d is not None):
-            yield from _limited(_files(directory, depth=8))
+            yield from _files(directory, depth=4)
+
+
+def local_images(digest: Digest) -> tuple[Path, ...]:
+    """The files beside the digest that its images point at, whether they exist yet or not."""
+    root = lxml_html.fragment_fromstring(markdown_to_html(digest.body), create_parent="div")
+    found = []
+    for img in root.iter("img"):
+        src = unquote((img.get("src") or "").strip()).split("?", 1)[0].split("#", 1)[0]
+        try:
+            remote = bool(urlsplit(src).scheme) or src.startswith("//")
+        except ValueError:
+            continue
+        if src and not remote:
+            found.append(digest.path.parent / src)
+    return tuple(dict.fromkeys(found))
 
 
 def _files(directory: Path, depth: int) -> Iterator[Path]:
-    """Files under ``directory``, sorted, skipping hidden names."""
-    try:
-        entries = sorted(os.scandir(directory), key=lambda entry: entry.name)
-    except OSError:
-        return
-    for entry in entries:
-        if entry.name.startswith("."):
-            continue
+    """Files under ``directory`` and ``depth`` folders down, in a stable order, hidden names
+    skipped; only the first entries are looked at, so a digest kept in a large folder stays
+    cheap to poll."""
+    pending = [(directory, depth)]
+    looked_at = 0
+    while pending:
+        folder, left = pending.pop()
         try:
-            if entry.is_dir(follow_symlinks=False):
-                if depth > 0:
-                    yield from _files(Path(entry.path), depth - 1)
-            elif entry.is_file():
-                yield Path(entry.path)
+            entries = sorted(os.scandir(folder), key=lambda entry: entry.name)
         except OSError:
             continue
-
-
-def _limited(paths: Iterator[Path]) -> Iterator[Path]:
-    for count, path in enumerate(paths):
-        if count >= WATCHED_FILES_LIMIT:
-            return
-        yield path
+        below = []
+        for entry in entries:
+            looked_at += 1
+            if looked_at > WATCHED_ENTRIES_LIMIT:
+                return
+            if entry.name.startswith("."):
+                continue
+            try:
+                if entry.is_dir(follow_symlinks=False):
+                    if left > 0:
+                        below.append((Path(entry.path), left - 1))
+                elif entry.is_file():
+                    yield Path(entry.path)
+            except OSError:
+                continue
+        pending.extend(reversed(below))
 
 
 def _one_line(exc: BaseException) -> str:

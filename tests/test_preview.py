@@ -22,7 +22,7 @@ from click.testing import CliRunner
 
 from newsletter.cli import main
 from newsletter.config import load_settings
-from newsletter.preview import PreviewServer, open_preview
+from newsletter.preview import DEFAULT_PORT, PreviewServer, open_preview
 
 DIGEST = """---
 title: "Weekly links: number one"
@@ -160,6 +160,41 @@ def test_image_and_template_changes_render_again(digest_dir: Path, fixtures_dir:
         assert "<!-- edited -->" in third.issue.html
     finally:
         server.close()
+
+
+def test_image_added_later_is_picked_up(digest_dir: Path, fixtures_dir: Path) -> None:
+    """An image the digest shows but that is not there yet: once it is saved beside the
+    digest, the render takes it and the 'cannot be resolved' error goes away."""
+    _write(digest_dir / "digest.md", DIGEST.replace("chart.png", "images/later.png"))
+    settings = load_settings({}, dotenv_path=digest_dir / ".env")
+    server = open_preview(digest_dir / "digest.md", settings, port=0, poll=0.05)
+    try:
+        first = server.preview.snapshot()
+        assert any("images/later.png" in finding.message for finding in first.findings)
+        (digest_dir / "images").mkdir()
+        shutil.copy(fixtures_dir / "chart.png", digest_dir / "images" / "later.png")
+        second = server.preview.wait_for_change(first.version, WAIT)
+        assert [image.filename for image in second.issue.images] == ["later.png"]
+        assert not any("later.png" in finding.message for finding in second.findings)
+    finally:
+        server.close()
+
+
+def test_default_port_taken_falls_back_to_a_free_one(digest_dir: Path) -> None:
+    """Without --port, a taken default port means another free port, not an error."""
+    settings = load_settings({}, dotenv_path=digest_dir / ".env")
+    with socket.socket() as holder:
+        try:
+            holder.bind(("127.0.0.1", DEFAULT_PORT))
+            holder.listen()
+        except OSError:
+            pass  # someone else holds it: the same situation
+        server = open_preview(digest_dir / "digest.md", settings)
+        try:
+            assert server.port != DEFAULT_PORT
+            assert server.url == f"http://127.0.0.1:{server.port}/"
+        finally:
+            server.close()
 
 
 def test_unrenderable_at_start_still_serves(digest_dir: Path) -> None:
