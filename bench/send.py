@@ -626,7 +626,7 @@ def step_costs(url: str, port: int) -> None:
     from newsletter.ledger import claim, create_issue, mark, new_owner
     from newsletter.message import MessageTemplate, Recipient, new_message_id
     from newsletter.pacing import Pacer
-    from newsletter.sender import content_hash, plan_send, secret_key
+    from newsletter.sender import plan_send, secret_key
     from newsletter.store import open_store
     from newsletter.tokens import Tokens, unsubscribe_url
     from newsletter.transports import SmtpTransport
@@ -640,7 +640,7 @@ def step_costs(url: str, port: int) -> None:
             store,
             digest_path=str(SAMPLE),
             digest_name=SAMPLE.name,
-            content_hash=content_hash(plan.digest),
+            content_hash=plan.digest.content_hash,
             rendered=plan.rendered,
             force=False,
         )

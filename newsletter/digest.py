@@ -7,6 +7,7 @@ number a user sees in their editor (front matter included).
 
 from __future__ import annotations
 
+import hashlib
 import re
 import tomllib
 from collections.abc import Callable
@@ -21,6 +22,7 @@ from newsletter.errors import DigestError
 # Severities of a finding, as `newsletter check` maps them to exit codes.
 FIXED = "fixed"  # repaired automatically: exit 0, reported as a warning
 MUST_FIX = "must-fix"  # renders, but must be fixed before sending: exit 1
+WARNING = "warning"  # worth a look, nothing was changed: exit 0, reported as a warning
 
 _NON_ASCII_RUN = re.compile(r"[^\x00-\x7f]+")
 _HEADING = re.compile(r"^#\s+(.+?)\s*#*\s*$")
@@ -31,6 +33,9 @@ _FENCE = re.compile(r"^\s*(```|~~~)")
 _CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f-\x9f\u2028\u2029]")
 _HEADER_FIELDS = ("subject", "title", "description")  # description becomes the preheader
 _INJECTION = "control characters (a header-injection attempt?) are not allowed"
+# Characters that continue a URL: a match of one URL inside a longer one is not where it is.
+_URL_BEFORE = r"(?<![\w/?#&=%+.:@~-])"
+_URL_AFTER = r"(?![\w/?#&=%+@~-]|\.\w)"
 
 
 @dataclass(frozen=True)
@@ -56,6 +61,11 @@ class Digest:
     source: str = ""
 
     @property
+    def content_hash(self) -> str:
+        """Identity of the content, for 'this was already sent' across renames."""
+        return hashlib.sha256(self.source.encode("utf-8")).hexdigest()
+
+    @property
     def title(self) -> str:
         return " ".join(str(self.meta.get("title") or self.subject).split())
 
@@ -65,6 +75,22 @@ class Digest:
             if needle in text:
                 return self.body_line + offset
         return self.body_line
+
+    def lines_of_url(self, url: str) -> tuple[int, ...]:
+        """File lines where ``url`` is written whole (plain or ``&amp;``-escaped), outside
+        fenced code: where a reader of `check` must edit it."""
+        variants = {url, url.replace("&", "&amp;")}
+        pattern = re.compile(
+            _URL_BEFORE + "(?:" + "|".join(map(re.escape, variants)) + ")" + _URL_AFTER
+        )
+        found = []
+        in_code = False
+        for offset, text in enumerate(self.body.splitlines()):
+            if _FENCE.match(text):
+                in_code = not in_code
+            elif not in_code and pattern.search(text):
+                found.append(self.body_line + offset)
+        return tuple(found)
 
 
 def _repair_mac_roman(text: str) -> str:

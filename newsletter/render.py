@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
 from typing import ClassVar
-from urllib.parse import urljoin, urlsplit
+from urllib.parse import parse_qsl, urljoin, urlsplit
 
 import markdown
 from jinja2 import ChoiceLoader, Environment, FileSystemLoader, StrictUndefined, select_autoescape
@@ -26,7 +26,7 @@ from markupsafe import Markup
 from premailer import Premailer
 
 from newsletter.config import Settings
-from newsletter.digest import MUST_FIX, Digest, Finding
+from newsletter.digest import MUST_FIX, WARNING, Digest, Finding
 from newsletter.embeds import Embed, expand_shortcodes, replace_embeds, strip_active_content
 from newsletter.markdown_source import normalise_list_indentation
 from newsletter.plaintext import html_to_text
@@ -80,6 +80,14 @@ class InlineImage:
 
 
 @dataclass(frozen=True)
+class Link:
+    """An http(s) link of the digest's body and the file lines it is written on."""
+
+    url: str
+    lines: tuple[int, ...]
+
+
+@dataclass(frozen=True)
 class RenderedIssue:
     """An issue rendered once: HTML and text with placeholders, and what to attach."""
 
@@ -90,6 +98,7 @@ class RenderedIssue:
     images: tuple[InlineImage, ...] = ()
     embeds: tuple[Embed, ...] = ()
     findings: tuple[Finding, ...] = ()
+    links: tuple[Link, ...] = ()
     _html_fill: Personalizer = field(init=False, repr=False, compare=False)
     _text_fill: Personalizer = field(init=False, repr=False, compare=False)
 
@@ -155,15 +164,59 @@ def _drop_title_heading(root: lxml_html.HtmlElement, title: str) -> None:
         root.remove(first)
 
 
+def _scheme(url: str) -> str | None:
+    """The URL's scheme in lower case ("" for a relative one); None when it does not parse."""
+    try:
+        return urlsplit(url).scheme.lower()
+    except ValueError:  # an unclosed IPv6 bracket, a bad port
+        return None
+
+
 def _check_links(root: lxml_html.HtmlElement, digest: Digest) -> list[Finding]:
     findings = []
     for link in root.iter("a"):
         href = (link.get("href") or "").strip()
-        scheme = urlsplit(href).scheme.lower()
+        scheme = _scheme(href)
         if href and not href.startswith("#") and scheme not in _SAFE_SCHEMES:
             line = digest.line_of(href.split("(")[0]) if href else digest.body_line
-            findings.append(Finding(line, f"link {href!r} is not http(s) or mailto", MUST_FIX))
+            problem = "is not a valid URL" if scheme is None else "is not http(s) or mailto"
+            findings.append(Finding(line, f"link {href!r} {problem}", MUST_FIX))
     return findings
+
+
+def _body_links(root: lxml_html.HtmlElement, digest: Digest) -> list[Link]:
+    """Each distinct http(s) link of the body, in order, with the lines that hold it."""
+    urls = dict.fromkeys(
+        href
+        for a in root.iter("a")
+        if _scheme(href := (a.get("href") or "").strip()) in {"http", "https"}
+    )
+    return [Link(url, digest.lines_of_url(url) or (_nearest_line(url, digest),)) for url in urls]
+
+
+def _nearest_line(url: str, digest: Digest) -> int:
+    """A line for a link written differently than it is sent (an embed's page, a video id)."""
+    parts = urlsplit(url)
+    tokens = [parts.netloc + parts.path, parts.path.rsplit("/", 1)[-1]]
+    tokens += [value for _, value in parse_qsl(parts.query)]
+    for token in sorted((t for t in tokens if len(t) >= 6), key=len, reverse=True):
+        if token in digest.body:
+            return digest.line_of(token)
+    return digest.body_line
+
+
+def _check_alt_text(root: lxml_html.HtmlElement, digest: Digest) -> list[Finding]:
+    """Images without alt text: what readers with images blocked and screen readers miss."""
+    return [
+        Finding(
+            digest.line_of(src) if (src := (img.get("src") or "").strip()) else digest.body_line,
+            f"image {src!r} has no alt text (shown when images are blocked, read aloud "
+            "by screen readers)",
+            WARNING,
+        )
+        for img in root.iter("img")
+        if not (img.get("alt") or "").strip()
+    ]
 
 
 def _resolve_images(
@@ -174,7 +227,7 @@ def _resolve_images(
     findings: list[Finding] = []
     for img in list(root.iter("img")):
         src = (img.get("src") or "").strip()
-        if urlsplit(src).scheme.lower() in {"http", "https", "cid"}:
+        if _scheme(src) in {"http", "https", "cid"}:
             continue
         if src.startswith("//"):
             img.set("src", "https:" + src)
@@ -270,6 +323,8 @@ def render_issue(digest: Digest, settings: Settings) -> RenderedIssue:
         if not embed.known:
             line = digest.line_of(urlsplit(embed.url).netloc)
             findings.append(Finding(line, f"embed from {embed.provider} turned into a link"))
+    findings += _check_alt_text(root, digest)
+    links = _body_links(root, digest)
     images, image_findings = _resolve_images(root, digest, settings.asset_base_url)
     findings += image_findings
     _mark_personal_fields(root)
@@ -309,11 +364,5 @@ def render_issue(digest: Digest, settings: Settings) -> RenderedIssue:
         images=tuple(images),
         embeds=tuple(embeds),
         findings=tuple(findings),
+        links=tuple(links),
     )
-
-
-def check_digest(path: Path | str, settings: Settings) -> list[Finding]:
-    """Everything `newsletter check` reports for one digest (raises DigestError if unrenderable)."""
-    from newsletter.digest import load_digest
-
-    return list(render_issue(load_digest(path), settings).findings)

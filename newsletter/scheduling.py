@@ -39,7 +39,7 @@ from newsletter.digest import load_digest
 from newsletter.errors import DeliveryError, DigestError, InputError, NewsletterError
 from newsletter.journal import journal_dir
 from newsletter.ledger import alive_as, find_issue, new_owner, owner_alive
-from newsletter.sender import content_hash, plan_send, send_issue
+from newsletter.sender import plan_send, send_issue
 from newsletter.store import Issue, Schedule, Store, utcnow
 
 log = logging.getLogger("newsletter.scheduler")
@@ -240,7 +240,7 @@ def newest_unsent(store: Store, directory: Path, now: datetime | None = None) ->
         candidates.append((when, path.name, path, digest))
     with store.session() as session:
         for _, _, path, digest in sorted(candidates, reverse=True):
-            issue = find_issue(session, path.name, content_hash(digest))
+            issue = find_issue(session, path.name, digest.content_hash)
             if issue is None or issue.status == "sending":
                 return path
             return None  # the newest one was sent: nothing new

@@ -14,7 +14,6 @@ another to take its rows over sends none of them when it wakes.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import threading
 import time
@@ -123,11 +122,6 @@ class Plan:
     previous: Issue | None = None  # the finished one, when forced to send it again
 
 
-def content_hash(digest: Digest) -> str:
-    """Identity of a digest's content, for 'this was already sent' across renames."""
-    return hashlib.sha256(digest.source.encode("utf-8")).hexdigest()
-
-
 def secret_key(settings: Settings, store: Store) -> str:
     """The configured key, or the one generated once and kept in the database."""
     return settings.secret_key or get_or_create_secret_key(store.engine)
@@ -146,7 +140,7 @@ def plan_send(store: Store, settings: Settings, path: Path | str, force: bool = 
         )
     message_template(settings, rendered)  # a message that cannot be built fails first
     with store.session() as session:
-        existing = find_issue(session, digest.path.name, content_hash(digest))
+        existing = find_issue(session, digest.path.name, digest.content_hash)
         if existing is not None and existing.status == "sending":
             return Plan(digest, rendered, open_count(session, existing.id), existing)
         if existing is not None and not force:
@@ -197,7 +191,7 @@ def send_issue(
             store,
             digest_path=str(plan.digest.path.resolve()),
             digest_name=plan.digest.path.name,
-            content_hash=content_hash(plan.digest),
+            content_hash=plan.digest.content_hash,
             rendered=plan.rendered,
             force=force,
         )

@@ -236,3 +236,56 @@ def test_render_does_not_touch_the_network(tmp_path: Path, fixtures_dir: Path) -
         tmp_path / "d.md", NEWSLETTER_ASSET_BASE_URL="https://invalid.invalid"
     )
     assert "https://invalid.invalid/chart.png" in html
+
+
+LINKED = """---
+title: Links
+---
+* [page](https://example.com/a)
+* [longer page](https://example.com/a/b)
+* [query](https://example.com/q?x=1&y=2)
+
+```
+https://example.com/a in a code block is not a link
+```
+
+<a href="https://example.com/q?x=1&amp;y=2">again, as raw HTML</a>
+<iframe src="https://www.youtube.com/embed/dQw4w9WgXcQ"></iframe>
+"""
+
+
+def test_body_links_carry_the_lines_they_are_written_on() -> None:
+    """Each distinct http(s) link of the body, with every file line holding it whole (a link
+    inside a longer one and code blocks do not count); an embed's link points at its line."""
+    issue = render_issue(
+        parse_digest(LINKED, "links.md"), load_settings({}, dotenv_path=Path("/nonexistent"))
+    )
+    lines = {link.url: link.lines for link in issue.links}
+    assert lines == {
+        "https://example.com/a": (4,),
+        "https://example.com/a/b": (5,),
+        "https://example.com/q?x=1&y=2": (6, 12),
+        "https://www.youtube.com/watch?v=dQw4w9WgXcQ": (13,),
+    }
+
+
+def test_images_without_alt_text_are_warnings() -> None:
+    """An image with no or blank alt text is a warning at its line; one with alt text is not."""
+    digest = parse_digest(
+        "# T\n\n![](https://example.com/a.png)\n\n![ok](https://example.com/b.png)\n\n"
+        '<img src="https://example.com/c.png" alt=" ">\n',
+        "d.md",
+    )
+    issue = render_issue(digest, load_settings({}, dotenv_path=Path("/nonexistent")))
+    warnings = [(f.line, f.severity) for f in issue.findings if "no alt text" in f.message]
+    assert warnings == [(3, "warning"), (7, "warning")]
+
+
+def test_unparsable_link_is_must_fix_not_a_crash() -> None:
+    """A link whose URL does not parse (an unclosed IPv6 bracket) must be fixed; it renders."""
+    digest = parse_digest("# T\n\n[x](http://[::1)\n", "d.md")
+    issue = render_issue(digest, load_settings({}, dotenv_path=Path("/nonexistent")))
+    assert [(f.line, f.message, f.severity) for f in issue.findings] == [
+        (3, "link 'http://[::1' is not a valid URL", MUST_FIX)
+    ]
+    assert issue.links == ()

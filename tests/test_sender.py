@@ -13,7 +13,7 @@ from sqlalchemy import select
 from newsletter.config import load_settings
 from newsletter.errors import DeliveryError, InputError
 from newsletter.ledger import create_issue, describe_issues
-from newsletter.sender import Sender, SendOptions, content_hash, plan_send
+from newsletter.sender import Sender, SendOptions, plan_send
 from newsletter.store import Delivery, Subscriber, utcnow
 from newsletter.subscribers import add, unsubscribe
 from newsletter.transports import MemoryTransport, Outcome
@@ -54,7 +54,7 @@ def _start(store, settings, tmp_path: Path) -> int:
         store,
         digest_path=str(plan.digest.path),
         digest_name=plan.digest.path.name,
-        content_hash=content_hash(plan.digest),
+        content_hash=plan.digest.content_hash,
         rendered=plan.rendered,
         force=False,
     )

@@ -25,6 +25,7 @@ COMMANDS = {
     "worker": "worker:worker",
     "scheduler": "worker:scheduler",
     "serve": "serve:serve",
+    "preview": "preview:preview",
     "db": "db:group",
 }
 

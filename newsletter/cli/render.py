@@ -42,29 +42,47 @@ def render(digest: Path, output: Path | None, text: bool) -> None:
 
 @click.command()
 @click.argument("digests", nargs=-1, required=True, type=DIGEST)
-def check(digests: tuple[Path, ...]) -> None:
+@click.option("--links", "fetch_links", is_flag=True, help="Also fetch every link; dead ones fail.")
+@click.option(
+    "--timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    default=10.0,
+    show_default=True,
+    help="Seconds to wait for each link with --links.",
+)
+def check(digests: tuple[Path, ...], fetch_links: bool, timeout: float) -> None:
     """Lint digests: one `FILE:LINE: message` line per finding.
 
     Exit 2 when a digest cannot be rendered, 1 when something must be fixed
-    before sending, 0 when everything was fixed automatically.
+    before sending (with --links: a dead link), 0 when only warnings remain
+    (fixed automatically, a link an earlier issue carried, an image without alt
+    text, a permanent redirect).
 
-    Example: newsletter check digests/*.md
+    Example: newsletter check --links digests/*.md
     """
+    from newsletter.checks import check_digests
     from newsletter.digest import MUST_FIX
-    from newsletter.errors import DigestError
-    from newsletter.render import check_digest
+    from newsletter.errors import ConfigError
+    from newsletter.history import read_sent_links
 
+    config = settings()
+    try:
+        sent = read_sent_links(config.database_url)
+    except ConfigError as exc:
+        click.echo(f"warning: {exc}; links of earlier issues not compared", err=True)
+        sent = None
     worst = 0
-    for path in digests:
-        try:
-            findings = check_digest(path, settings())
-        except DigestError as exc:
+    for result in check_digests(
+        digests, config, sent=sent, fetch_links=fetch_links, timeout=timeout
+    ):
+        if result.error is not None:
+            path, exc = result.path, result.error
             click.echo(f"{exc}" if str(exc).startswith(str(path)) else f"{path}: {exc}")
             worst = 2
             continue
-        for finding in findings:
+        for finding in result.findings:
             level = "error" if finding.severity == MUST_FIX else "warning"
-            click.echo(f"{path}:{finding.line}: {level}: {finding.message}")
+            click.echo(f"{result.path}:{finding.line}: {level}: {finding.message}")
             if finding.severity == MUST_FIX:
                 worst = max(worst, 1)
     sys.exit(worst)
