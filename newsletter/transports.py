@@ -17,6 +17,7 @@ import smtplib
 import ssl
 import tempfile
 import threading
+import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -30,7 +31,7 @@ from newsletter.files import atomic_write
 if TYPE_CHECKING:
     from newsletter.config import Settings
 
-THROTTLE_CODES = frozenset({421, 451, 454})
+ABANDONED_SECONDS = 60  # an outbox file still being written after this long was left by a kill
 _LINE_END = re.compile(rb"\r\n|\r|\n")
 _ENHANCED_USER_UNKNOWN = re.compile(r"^5\.1\.\d{1,3}\b")
 _USER_UNKNOWN_TEXT = re.compile(
@@ -47,7 +48,7 @@ class Outcome:
     status: str  # "sent" | "retry" | "failed" | "bounced"
     code: int | None  # the SMTP reply code; None when the connection dropped or timed out
     answer: str  # one line, e.g. "250 2.0.0 Ok: queued as X" or "connection dropped: ..."
-    throttle: bool = False  # the server asked us to slow down (421, 451, 454)
+    throttle: bool = False  # the server asked the whole send to slow down (see slows_down)
     # A 5xx to MAIL FROM: the server refuses us (quota, sender address), not this recipient.
     sender_refused: bool = False
 
@@ -86,13 +87,20 @@ def _one_line(code: int, message: bytes | str) -> str:
     return " ".join(f"{code} {text}".split())
 
 
+def slows_down(stage: str, code: int) -> bool:
+    """Whether a temporary answer is about our pace, so the whole send slows down: 421
+    (closing the connection), 454, or a 4xx when we connect or at MAIL FROM. A 4xx for one
+    recipient (greylisting, a full mailbox) only makes that message wait."""
+    return code in (421, 454) or stage in ("connect", "mail")
+
+
 def classify(stage: str, code: int, message: bytes | str) -> Outcome:
     """Map a reply at ``stage`` ("mail", "rcpt", "data" or "final") to an Outcome."""
     answer = _one_line(code, message)
     if 200 <= code < 300 and stage == "final":
         return Outcome("sent", code, answer)
     if 400 <= code < 500:
-        return Outcome("retry", code, answer, throttle=code in THROTTLE_CODES)
+        return Outcome("retry", code, answer, throttle=slows_down(stage, code))
     if 500 <= code < 600:
         text = answer[4:]
         unknown = _ENHANCED_USER_UNKNOWN.match(text) or (
@@ -244,7 +252,8 @@ class SmtpTransport:
                 self._conn = self._open()
             except DeliveryError as exc:
                 code = exc.code if isinstance(exc, _BusyServer) else None
-                return Outcome("retry", code, str(exc), throttle=code in THROTTLE_CODES)
+                throttle = code is not None and slows_down("connect", code)
+                return Outcome("retry", code, str(exc), throttle=throttle)
         try:
             outcome = self._transact(self._conn, envelope_from, recipient, data)
         except _DROPPED as exc:
@@ -280,7 +289,12 @@ class SmtpTransport:
             params += f" SIZE={len(data)}"
         if not (sender + recipient).isascii():
             if not conn.has_extn("smtputf8"):
-                return Outcome("failed", None, f"{self.where} does not support SMTPUTF8")
+                return Outcome(
+                    "failed",
+                    None,
+                    f"{recipient}: {self.where} does not offer SMTPUTF8, which an address "
+                    "with non-ASCII characters needs",
+                )
             params += " SMTPUTF8"
         mail = f"MAIL FROM:<{sender}>{params}\r\n".encode()
         rcpt = f"RCPT TO:<{recipient}>\r\n".encode()
@@ -321,11 +335,17 @@ class OutboxTransport:
         self.directory = Path(directory)
 
     def check(self) -> None:
-        """Create the folder and prove we can write there before sending starts."""
+        """Create the folder and prove we can write there before sending starts; clear away
+        half-written files a killed send left behind."""
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
             with tempfile.TemporaryFile(dir=self.directory):
                 pass
+            abandoned = time.time() - ABANDONED_SECONDS
+            for path in self.directory.glob(".*.eml.*.tmp"):
+                with contextlib.suppress(OSError):  # another sender's, just renamed
+                    if path.stat().st_mtime < abandoned:
+                        path.unlink()
         except OSError as exc:
             raise DeliveryError(
                 f"outbox folder {self.directory} is not writable: {exc.strerror or exc}"

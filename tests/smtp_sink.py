@@ -116,7 +116,8 @@ class SmtpSink:
 
     ``tls``: None (plain), "starttls" (offered, not required) or "ssl" (implicit TLS);
     both need ``cert``. ``credentials=(user, password)`` requires AUTH LOGIN/PLAIN
-    before MAIL. ``pipelining=False`` stops advertising PIPELINING.
+    before MAIL. ``pipelining=False`` stops advertising PIPELINING; ``smtputf8=False``
+    stops offering SMTPUTF8 (RFC 6531: non-ASCII addresses).
     """
 
     def __init__(
@@ -127,13 +128,14 @@ class SmtpSink:
         cert: CertPair | None = None,
         credentials: tuple[str, str] | None = None,
         pipelining: bool = True,
+        smtputf8: bool = True,
         on_message: Callable[[Received], None] | None = None,
     ) -> None:
         if tls not in (None, "starttls", "ssl") or (tls and cert is None):
             raise ValueError("tls must be None, 'starttls' or 'ssl', and TLS needs a cert")
         self.host = "127.0.0.1"
         self.tls, self.cert, self.credentials = tls, cert, credentials
-        self.pipelining = pipelining
+        self.pipelining, self.smtputf8 = pipelining, smtputf8
         self.per_connection_limit: tuple[int, str] | None = None
         self.on_message = on_message
         self._lock = threading.Condition()

@@ -151,6 +151,7 @@ class SinkController(Controller):
         host, port = sock.getsockname()
         super().__init__(SinkHandler(sink), hostname=host, port=port, **kwargs)
         self.sink, self.sock = sink, sock
+        self.SMTP_kwargs["enable_SMTPUTF8"] = sink.smtputf8
 
     def factory(self) -> SMTP:
         starttls = self.sink.tls == "starttls" and self.sink.cert is not None

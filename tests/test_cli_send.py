@@ -96,6 +96,28 @@ def test_dry_run_sends_nothing(env: CliRunner, smtp_sink) -> None:
     assert smtp_sink.messages == [] and _issues(env) == []
 
 
+def test_dry_run_of_a_finished_issue_says_what_would_happen(env: CliRunner, smtp_sink) -> None:
+    """--dry-run of a digest already sent shows what would be sent and that it needs --force,
+    exit 0, nothing sent."""
+    assert env.invoke(main, ["send", "digest.md", "--yes"]).exit_code == 0
+    before = len(smtp_sink.messages)
+    result = env.invoke(main, ["send", "digest.md", "--dry-run"])
+    assert result.exit_code == 0, result.output
+    assert "would send" in result.stdout and "already sent as issue 1" in result.stdout
+    assert "--force" in result.stdout
+    assert len(smtp_sink.messages) == before and len(_issues(env)) == 1
+
+
+def test_issues_list_fits_80_columns(env: CliRunner, smtp_sink, monkeypatch) -> None:
+    """`issues list` is one line per issue within 80 columns, the subject cut to fit."""
+    monkeypatch.setenv("COLUMNS", "80")
+    assert env.invoke(main, ["send", "digest.md", "--yes"]).exit_code == 0
+    result = env.invoke(main, ["issues", "list"])
+    lines = result.stdout.splitlines()
+    assert len(lines) == 2 and all(len(line) <= 80 for line in lines), lines
+    assert lines[1].split()[:3] == ["1", "sent", "200"]
+
+
 def test_refuses_without_yes_off_a_terminal(env: CliRunner, smtp_sink) -> None:
     """Without --yes and without a terminal to ask on, nothing starts."""
     result = env.invoke(main, ["send", "digest.md"])

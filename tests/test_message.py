@@ -51,7 +51,8 @@ def test_every_required_header(sample_issue) -> None:
     assert message["From"] == "Weekly Links <links@example.com>"
     assert message["To"] == "Ada <ada@example.org>"
     assert message["Subject"] == "📺 Browsers, Video and Metrics"
-    assert message["Date"] and message["Message-ID"].endswith("@example.com>")
+    assert message["Date"].endswith(" +0000")  # not the obsolete "GMT" zone
+    assert message["Message-ID"].endswith("@example.com>")
     assert message["Reply-To"] == "editor@example.com"
     assert message["List-Id"] == "Weekly Links <weekly-links.news.example.com>"
     assert message["List-Unsubscribe"] == "<https://news.example.com/unsubscribe/tok>"
@@ -128,3 +129,19 @@ def test_qp_value_never_starts_a_line_with_a_dot() -> None:
 def test_no_name_means_bare_address(sample_issue) -> None:
     """A subscriber without a name gets a plain address in To."""
     assert _parse(_template(sample_issue).build(_recipient(None)))["To"] == "ada@example.org"
+
+
+def test_internationalised_addresses_in_the_to_header(sample_issue) -> None:
+    """An IDN domain goes out as punycode (with a name, quoted or encoded as it needs); a
+    UTF-8 local part stays UTF-8 (it travels only with SMTPUTF8)."""
+    template = _template(sample_issue)
+    cases = [
+        ("Zoë Ñ", "zoe@bücher.example", "zoe@xn--bcher-kva.example"),
+        ("Smith, Ann", "ann@bücher.example", "ann@xn--bcher-kva.example"),
+        ("Jörg", "jörg@example.com", "jörg@example.com"),
+    ]
+    for name, address, wire in cases:
+        data = template.build(Recipient(address, name, "https://news.example.com/u/t", "i@x"))
+        message = email.message_from_string(data.decode("utf-8"), policy=email.policy.default)
+        assert message["To"].addresses[0].addr_spec == wire
+        assert message["To"].addresses[0].display_name == name

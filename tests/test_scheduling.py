@@ -407,6 +407,19 @@ def test_two_worker_processes_run_one_scheduled_send_once(workdir, env, store, s
     assert len(counts) == 20 and set(counts.values()) == {1}
 
 
+@pytest.mark.slow
+def test_workers_started_together_on_a_new_database_all_run(tmp_path, database_url, smtp_sink):
+    """Three workers started at the same moment on a database nobody opened yet: each comes
+    up (no table is created twice) and stops with exit 0."""
+    env = newsletter_env(database_url, **smtp_sink.env())
+    workers = [Background(["worker"], tmp_path, env, tmp_path / f"w{n}.log") for n in range(3)]
+    STARTED.extend(workers)
+    for worker in workers:
+        worker.wait_for_output("worker started", timeout=60)
+    assert [worker.stop() for worker in workers] == [0, 0, 0]
+    assert not any("Traceback" in worker.output() for worker in workers)
+
+
 # Bad input and the pieces ----------------------------------------------------------------
 
 

@@ -86,6 +86,7 @@ def test_every_subscriber_once_over_reused_connections(store, smtp_sink, tmp_pat
     with store.session() as session:
         [issue] = describe_issues(session, issue_id)
     assert issue["status"] == "sent" and issue["sent"] == 200
+    assert issue["recipients"] == 200  # not the -1 PostgreSQL's driver says for INSERT … SELECT
 
 
 def test_retries_temporary_failures_until_delivered(store, smtp_sink, tmp_path: Path) -> None:
@@ -360,3 +361,40 @@ def test_unsendable_address_is_not_a_dead_server(store, tmp_path: Path) -> None:
         _start(store, settings, tmp_path)
     )
     assert report.finished and report.failed == 6 and report.sent == 2
+
+
+@pytest.mark.parametrize("smtputf8", [True, False])
+def test_one_address_never_stops_a_send(store, make_smtp_sink, tmp_path: Path, smtputf8) -> None:
+    """Named subscribers with an IDN domain and a UTF-8 local part: the IDN goes out as
+    punycode; the UTF-8 local part with SMTPUTF8, or, when the server does not offer it,
+    fails naming the address; everyone else is delivered and the send finishes."""
+    sink = make_smtp_sink(smtputf8=smtputf8)
+    people = [("Zoë", "zoe@bücher.example"), ("Jörg", "jörg@example.com"), ("Ann", "a@b.example")]
+    with store.begin() as session:
+        for name, address in people:
+            add(session, address, name)
+    settings = _settings(tmp_path, **sink.env())
+    report = deliver_issue(store, settings, _start(store, settings, tmp_path), options=FAST)
+    assert report.finished
+    received = sorted(r for m in sink.messages for r in m.recipients)
+    expected = ["a@b.example", "zoe@xn--bcher-kva.example"]
+    if smtputf8:
+        assert received == sorted([*expected, "jörg@example.com"]) and report.failed == 0
+    else:
+        assert received == expected and report.failed == 1
+        [(address, answer)] = report.failures
+        assert address == "jörg@example.com" and "SMTPUTF8" in answer
+
+
+def test_a_greylisted_recipient_does_not_slow_the_send(store, smtp_sink, tmp_path: Path) -> None:
+    """A 451 for one recipient makes that message wait and retry; the pace of the send is
+    untouched, and whoever waits on retries hears of it."""
+    addresses = _subscribe(store, 20)
+    smtp_sink.fail("rcpt", "451 4.7.1 greylisted, try again", recipients=[addresses[3]], times=1)
+    settings = _settings(tmp_path, **smtp_sink.env())
+    notes: list[tuple[int, object]] = []
+    sender = Sender(store, settings, options=FAST, on_waiting=lambda *note: notes.append(note))
+    report = sender.run(_start(store, settings, tmp_path))
+    assert report.finished and report.sent == 20 and report.retried == 1
+    assert sender.pacer.throttles == 0
+    assert notes and notes[0][0] == 1

@@ -127,10 +127,11 @@ def test_server_stores_exactly_from_wire_of_the_data(
 def test_451_is_a_throttled_retry_and_the_retry_goes_through(
     smtp_sink: SmtpSink, transport: SmtpTransport
 ) -> None:
-    """A 451 rate limit asks to slow down; after RSET the same connection delivers the retry."""
+    """A 451 for one recipient (greylisting) makes that message wait without slowing the
+    send; after RSET the same connection delivers the retry."""
     smtp_sink.fail("rcpt", "451 4.7.1 try later", recipients=["busy@example.com"], times=1)
     first = transport.send(SENDER, "busy@example.com", wire_message())
-    assert first == Outcome("retry", 451, "451 4.7.1 try later", throttle=True)
+    assert first == Outcome("retry", 451, "451 4.7.1 try later", throttle=False)
     assert transport.send(SENDER, "busy@example.com", wire_message()).status == "sent"
     assert smtp_sink.connections_opened == 1
     assert smtp_sink.command_counts()["RSET"] == 1
@@ -243,6 +244,18 @@ def test_non_ascii_address_uses_smtputf8(smtp_sink: SmtpSink, transport: SmtpTra
     assert "SMTPUTF8" in smtp_sink.messages[0].mail_options
 
 
+def test_non_ascii_local_part_without_smtputf8_fails_naming_the_address(make_smtp_sink) -> None:
+    """A server that does not offer SMTPUTF8 cannot take a UTF-8 local part: that message
+    fails, saying whose address and why, before any command."""
+    sink = make_smtp_sink(smtputf8=False)
+    with SmtpTransport(sink.host, sink.port, "none", timeout=5) as transport:
+        outcome = transport.send(SENDER, "jörg@example.com", wire_message())
+        assert (outcome.status, outcome.code) == ("failed", None)
+        assert outcome.answer.startswith("jörg@example.com: ") and "SMTPUTF8" in outcome.answer
+        assert transport.send(SENDER, "ann@example.com", wire_message()).status == "sent"
+    assert [m.recipients for m in sink.messages] == [("ann@example.com",)]
+
+
 def test_login_succeeds_with_the_right_password(make_smtp_sink) -> None:
     """AUTH over a plain connection (security none) logs in and sends."""
     sink = make_smtp_sink(credentials=("mailer", "s3cret-pw"))
@@ -326,6 +339,10 @@ def test_unreachable_server(make_smtp_sink) -> None:
         ("final", 250, "2.0.0 Ok", ("sent", False)),
         ("rcpt", 421, "4.7.0 slow down", ("retry", True)),
         ("rcpt", 450, "4.2.1 mailbox busy", ("retry", False)),
+        ("rcpt", 451, "4.7.1 greylisted", ("retry", False)),
+        ("final", 451, "4.3.0 try later", ("retry", False)),
+        ("mail", 451, "4.7.1 rate limited", ("retry", True)),
+        ("rcpt", 454, "4.7.0 TLS not available", ("retry", True)),
         ("rcpt", 551, "5.1.6 moved", ("bounced", False)),
         ("mail", 550, "5.1.1 user unknown", ("failed", False)),
         ("final", 554, "5.7.1 spam", ("failed", False)),
@@ -351,6 +368,23 @@ def test_outbox_writes_whole_eml_files_that_sort_by_time(tmp_path: Path) -> None
     assert recipients == addresses
     assert files[0].read_bytes() == from_wire(wire_message(addresses[0], body=".dot\n"))
     assert outcomes[0].answer == f"written to {files[0]}"
+
+
+def test_outbox_check_clears_what_a_killed_send_left_half_written(tmp_path: Path) -> None:
+    """Temporary files a killed send left in the outbox go at the next send's check; one
+    being written right now by another sender stays."""
+    import os
+    import time
+
+    outbox = tmp_path / "outbox"
+    outbox.mkdir()
+    old = outbox / ".20261130T000000.000000Z-abc.eml.x1y2.tmp"
+    fresh = outbox / ".20261130T000001.000000Z-def.eml.z3w4.tmp"
+    for path in (old, fresh):
+        path.write_bytes(b"half a message")
+    os.utime(old, (time.time() - 3600, time.time() - 3600))
+    OutboxTransport(outbox).check()
+    assert not old.exists() and fresh.exists()
 
 
 def test_outbox_check_fails_when_the_folder_cannot_be_made(tmp_path: Path) -> None:
