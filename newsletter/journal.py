@@ -39,8 +39,8 @@ def _path(directory: Path, owner: str) -> Path:
 
 
 class Journal:
-    """Append-only lines ``delivery_id TAB message_id TAB unix_time`` of one running sender,
-    locked while it runs."""
+    """Append-only lines ``delivery_id TAB unix_time`` of one running sender, locked while
+    it runs (a delivery's Message-ID follows from its id and its sender)."""
 
     def __init__(self, owner: str, directory: Path) -> None:
         self.path = _path(directory, owner)
@@ -69,9 +69,9 @@ class Journal:
                 raise
             self._fd = fd
 
-    def accepted(self, delivery_id: int, message_id: str, when: float) -> None:
+    def accepted(self, delivery_id: int, when: float) -> None:
         """Note that the server accepted this delivery's message."""
-        line = f"{delivery_id}\t{message_id}\t{when:.6f}\n".encode()
+        line = f"{delivery_id}\t{when:.6f}\n".encode()
         with self._lock:
             if self._fd is None:
                 raise RuntimeError("the journal was not opened")
@@ -100,8 +100,8 @@ class Found:
         if not self.alive:
             self.path.unlink(missing_ok=True)
 
-    def entries(self) -> list[tuple[int, str, datetime]]:
-        """The accepted messages it holds (a torn last line is ignored)."""
+    def entries(self) -> list[tuple[int, datetime]]:
+        """The accepted messages it holds: (delivery id, when); a torn last line is ignored."""
         try:
             text = self.path.read_text("utf-8", "replace")
         except OSError:
@@ -109,12 +109,12 @@ class Found:
         entries = []
         for line in text.splitlines():
             parts = line.split("\t")
-            if len(parts) == 3 and parts[0].isdigit():
+            if len(parts) in (2, 3) and parts[0].isdigit():  # 3: an older version's line
                 try:
-                    when = datetime.fromtimestamp(float(parts[2]), UTC)
+                    when = datetime.fromtimestamp(float(parts[-1]), UTC)
                 except ValueError:
                     continue
-                entries.append((int(parts[0]), parts[1], when))
+                entries.append((int(parts[0]), when))
         return entries
 
 

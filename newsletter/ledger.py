@@ -28,7 +28,9 @@ from pathlib import Path
 
 from sqlalchemy import (
     Connection,
+    String,
     bindparam,
+    cast,
     exists,
     func,
     insert,
@@ -40,8 +42,10 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import Session
 
+from newsletter.config import Settings
 from newsletter.errors import DeliveryError
-from newsletter.journal import Journal, examine, owners
+from newsletter.journal import Journal, examine, journal_dir, owners
+from newsletter.message import message_domain
 from newsletter.render import InlineImage, RenderedIssue
 from newsletter.store import (
     STOPPED_STATUSES,
@@ -266,18 +270,27 @@ _PEOPLE = select(_S.c.id, _S.c.name, _S.c.status).where(
 _MARK_SENT = (
     update(_D)
     .where(
-        _D.c.id == bindparam("b_id"),
+        _D.c.id.in_(bindparam("b_ids", expanding=True)),
         _D.c.status == "sending",
         _D.c.claimed_by == bindparam("b_owner"),
     )
     .values(
         status="sent",
         claimed_by=None,
-        last_answer=bindparam("b_answer"),
-        message_id=bindparam("b_message_id"),
+        message_id=cast(_D.c.id, String) + bindparam("b_suffix"),
         sent_at=bindparam("b_sent_at"),
     )
 )
+
+
+def delivery_message_id(delivery_id: int, owner: str, domain: str) -> str:
+    """The Message-ID of a delivery's message as ``owner`` sends it: unique, and recorded
+    with the delivery without being carried from the send to the ledger."""
+    return f"{delivery_id}{_id_suffix(owner, domain)}"
+
+
+def _id_suffix(owner: str, domain: str) -> str:
+    return f".{owner[:16]}@{domain}"
 
 
 def claim(db: Connection | Session, issue_id: Scope, owner: str, limit: int) -> list[Claimed]:
@@ -306,21 +319,13 @@ def claim(db: Connection | Session, issue_id: Scope, owner: str, limit: int) -> 
 
 
 def record_sent(
-    db: Connection | Session, owner: str, sent: list[tuple[int, str, str, datetime]]
+    db: Connection | Session, owner: str, domain: str, ids: list[int], when: datetime
 ) -> None:
-    """Mark accepted deliveries sent, many in one statement and one commit.
-
-    ``sent`` holds (delivery id, server answer, message id, time accepted); rows that are
-    no longer this owner's are left alone.
-    """
-    if sent:
-        db.execute(
-            _MARK_SENT,
-            [
-                {"b_id": i, "b_owner": owner, "b_answer": a, "b_message_id": m, "b_sent_at": t}
-                for i, a, m, t in sent
-            ],
-        )
+    """Mark the deliveries ``owner`` saw accepted (by ``when``) sent, in one statement, with
+    the Message-IDs they went out with; rows no longer this owner's are left alone."""
+    if ids:
+        parameters = {"b_ids": ids, "b_owner": owner, "b_sent_at": when}
+        db.execute(_MARK_SENT, parameters | {"b_suffix": _id_suffix(owner, domain)})
         db.commit()
 
 
@@ -384,8 +389,25 @@ def _owner_alive(db: Connection | Session, owner: str) -> bool:
     return not got
 
 
+@dataclass(frozen=True)
+class Takeover:
+    """What taking deliveries over from other senders needs to know."""
+
+    journals: Path  # where senders on this host keep their journals
+    stale: timedelta  # how long a claim lasts without being renewed
+    domain: str  # of the Message-IDs a replayed journal's messages went out with
+
+    @classmethod
+    def of(cls, settings: Settings) -> Takeover:
+        return cls(
+            journal_dir(settings.database_url),
+            timedelta(seconds=settings.claim_timeout),
+            message_domain(settings.from_address),
+        )
+
+
 def reclaim_abandoned(
-    db: Connection | Session, issue_id: Scope, me: str, journals: Path, stale: timedelta
+    db: Connection | Session, issue_id: Scope, me: str, takeover: Takeover
 ) -> int:
     """Requeue deliveries claimed by senders that died, or that have not renewed their
     claims for ``stale``; the number of rows requeued.
@@ -394,7 +416,7 @@ def reclaim_abandoned(
     it. What is left may or may not have reached the server: these in-flight messages are
     the only ones that can go twice.
     """
-    stale_before = utcnow() - stale
+    stale_before = utcnow() - takeover.stale
     claimants = db.scalars(
         select(_D.c.claimed_by)
         .where(_in_scope(issue_id), _D.c.status == "sending", _D.c.claimed_by != me)
@@ -403,15 +425,16 @@ def reclaim_abandoned(
     dead = []
     for owner in claimants:
         alive_elsewhere = _owner_alive(db, owner)
-        with examine(owner, journals) as found:
+        with examine(owner, takeover.journals) as found:
             alive = alive_elsewhere or found.alive
             if alive and not db.scalar(
                 select(exists().where(_D.c.claimed_by == owner, _D.c.claimed_at < stale_before))
             ):
                 continue
             journaled = found.entries()
-            replayed = [(i, "250 (from the journal)", m, t) for i, m, t in journaled]
-            record_sent(db, owner, replayed)
+            if journaled:
+                last = max(when for _, when in journaled)
+                record_sent(db, owner, takeover.domain, [i for i, _ in journaled], last)
             found.discard()
         if not alive:
             dead.append(owner)

@@ -108,6 +108,11 @@ def new_message_id(domain: str) -> str:
     return f"{uuid.uuid4().hex}@{domain}"
 
 
+def message_domain(from_address: str) -> str:
+    """The domain of the From address: the right-hand side of every Message-ID we make."""
+    return envelope_address(from_address).rpartition("@")[2] or "localhost"
+
+
 def _qp(text: str) -> str:
     """Quoted-printable body encoding of UTF-8 text with CRLF line ends, lines of at most
     75 characters: a placeholder's soft line break may follow the last one."""
@@ -232,10 +237,6 @@ def headers(
     return [*lines, *extra, "MIME-Version: 1.0"]
 
 
-def _domain(envelope_from: str) -> str:
-    return envelope_from.rpartition("@")[2] or "localhost"
-
-
 class MessageTemplate:
     """An issue's message encoded once; :meth:`build` makes one recipient's wire bytes."""
 
@@ -249,7 +250,7 @@ class MessageTemplate:
         reply_to: str | None = None,
     ) -> None:
         self.envelope_from = envelope_address(from_address)
-        self.domain = _domain(self.envelope_from)
+        self.domain = message_domain(from_address)
         list_host = urlsplit(site_url).hostname or self.domain
         slug = re.sub(r"[^a-z0-9]+", "-", list_name.lower()).strip("-") or "newsletter"
         lines = headers(
@@ -292,14 +293,14 @@ def one_off(
     subject: str,
     text: str,
     html: str,
+    message_id: str,
     reply_to: str | None = None,
     extra: Sequence[str] = (),
-) -> tuple[bytes, str]:
-    """A single message (a confirmation, a welcome) as SMTP wire bytes, and its Message-ID.
+) -> bytes:
+    """A single message (a confirmation, a welcome) as SMTP wire bytes.
 
     ``To`` is the bare address: whatever else a visitor typed never heads mail to a stranger.
     """
-    message_id = new_message_id(_domain(envelope_address(from_address)))
     lines = headers(from_address=from_address, subject=subject, reply_to=reply_to, extra=extra)
     wire = WireTemplate(lines, _PLACEHOLDER_TEXT.sub("", text), _PLACEHOLDER_TEXT.sub("", html))
     values = {
@@ -307,4 +308,4 @@ def one_off(
         "date": HeaderClock().now(),
         "message_id": message_id,
     }
-    return wire.fill(values), message_id
+    return wire.fill(values)

@@ -30,9 +30,9 @@ def confirmation_subject(settings: Settings) -> str:
     return f"Confirm your subscription to {settings.list_name}"
 
 
-def confirmation(settings: Settings, tokens: Tokens, email: str) -> tuple[bytes, str]:
+def confirmation(settings: Settings, tokens: Tokens, email: str, message_id: str) -> bytes:
     """The double opt-in mail for ``email`` (already normalised) from the templates
-    ``confirm_email.txt`` and ``confirm_email.html``: wire bytes and Message-ID."""
+    ``confirm_email.txt`` and ``confirm_email.html``, as wire bytes."""
     values = {
         "list_name": settings.list_name,
         "site_url": settings.site_url,
@@ -48,6 +48,7 @@ def confirmation(settings: Settings, tokens: Tokens, email: str) -> tuple[bytes,
         subject=confirmation_subject(settings),
         text=env.get_template("confirm_email.txt").render(values),
         html=env.get_template("confirm_email.html").render(values),
+        message_id=message_id,
         extra=("Auto-Submitted: auto-generated",),
     )
 
@@ -66,8 +67,10 @@ def queue_confirmations(session: Session, emails: Iterable[str]) -> int:
     return queue_mail(session, "confirm", [(ids[email], email) for email in wanted])
 
 
-def one_off_message(settings: Settings, tokens: Tokens, delivery: Claimed) -> tuple[bytes, str]:
-    """The message of a one-off delivery, by its kind: wire bytes and Message-ID."""
+def one_off_message(
+    settings: Settings, tokens: Tokens, delivery: Claimed, message_id: str
+) -> bytes:
+    """The message of a one-off delivery, by its kind, as wire bytes."""
     if delivery.kind == "confirm":
-        return confirmation(settings, tokens, delivery.email)
+        return confirmation(settings, tokens, delivery.email, message_id)
     raise ValueError(f"no message of kind {delivery.kind!r}")

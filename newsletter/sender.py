@@ -27,13 +27,15 @@ from sqlalchemy import Connection, func, select
 from newsletter.config import Settings
 from newsletter.digest import MUST_FIX, Digest, load_digest
 from newsletter.errors import InputError
-from newsletter.journal import Journal, journal_dir
+from newsletter.journal import Journal
 from newsletter.ledger import (
     Claimed,
     Scope,
+    Takeover,
     alive_as,
     claim,
     create_issue,
+    delivery_message_id,
     find_issue,
     finish_if_done,
     load_rendered,
@@ -263,12 +265,11 @@ class Sender:
         self.on_waiting = on_waiting or (lambda waiting, due: None)
         self.stop = stop or threading.Event()
         self.connections = connections or settings.smtp_connections
-        self.stale = timedelta(seconds=settings.claim_timeout)
+        self.takeover = Takeover.of(settings)
         self.renew_every = min(RENEW_AT_MOST, settings.claim_timeout / 4)
         self.envelope_from = envelope_address(settings.from_address)
         self.pacer = Pacer(settings.send_rate)
         self.tokens = Tokens(secret_key(settings, store))
-        self.journals = journal_dir(settings.database_url)
         self._lock = threading.Lock()
         self._last_note = 0.0
 
@@ -293,10 +294,10 @@ class Sender:
                 template = message_template(self.settings, load_rendered(issue.rendered))
         if check:
             check_transport(self.factory)
-        with alive_as(self.store, owner, self.journals) as journal:
+        with alive_as(self.store, owner, self.takeover.journals) as journal:
             run = _Run(self, issue_id, owner, journal, template, report)
             with self.store.engine.connect() as db:
-                reclaim_abandoned(db, issue_id, owner, self.journals, self.stale)
+                reclaim_abandoned(db, issue_id, owner, self.takeover)
             threads = [
                 threading.Thread(target=run.work, name=f"newsletter-send-{n}", daemon=True)
                 for n in range(self.connections)
@@ -377,8 +378,9 @@ class _Worker:
         self.sender = run.sender
         self.owner = run.owner
         self.options = self.sender.options
-        self.accepted: list[tuple[int, str, str, datetime]] = []
+        self.accepted: list[int] = []  # accepted by the server, not yet recorded
         self.first_accepted = 0.0
+        self.last_accepted = 0.0
         self.failures = 0
         self.renewed = (0.0, 0.0)  # monotonic and wall-clock time of the last claim or renewal
 
@@ -406,7 +408,7 @@ class _Worker:
         if waiting == 0:
             return False  # what is left is in this sender's other threads' hands
         sender = self.sender
-        reclaim_abandoned(self.db, issue_id, self.owner, sender.journals, sender.stale)
+        reclaim_abandoned(self.db, issue_id, self.owner, sender.takeover)
         delay = self.options.idle_poll
         if due is not None:
             delay = min(max((due - utcnow()).total_seconds(), 0.01), self.options.idle_poll)
@@ -447,17 +449,18 @@ class _Worker:
             self._deliver(delivery)
         return True
 
-    def _message(self, delivery: Claimed) -> tuple[bytes, str]:
-        """The wire bytes of a delivery, and its Message-ID."""
+    def _message(self, delivery: Claimed) -> bytes:
+        """The wire bytes of a delivery's message."""
+        sender = self.sender
+        message_id = delivery_message_id(delivery.id, self.owner, sender.takeover.domain)
         if delivery.kind is not None:
-            return one_off_message(self.sender.settings, self.sender.tokens, delivery)
+            return one_off_message(sender.settings, sender.tokens, delivery, message_id)
         template = self.run_.template
         assert template is not None
-        message_id = new_message_id(template.domain)
         url = unsubscribe_url(
-            self.sender.settings.site_url, self.sender.tokens.unsubscribe_token(delivery.email)
+            sender.settings.site_url, sender.tokens.unsubscribe_token(delivery.email)
         )
-        return template.build(Recipient(delivery.email, delivery.name, url, message_id)), message_id
+        return template.build(Recipient(delivery.email, delivery.name, url, message_id))
 
     def _deliver(self, delivery: Claimed) -> None:
         sender, run = self.sender, self.run_
@@ -467,7 +470,7 @@ class _Worker:
             run.count("skipped")
             return
         try:
-            data, message_id = self._message(delivery)
+            data = self._message(delivery)
         except Exception as exc:  # one address the message cannot carry must not stop a send
             answer = f"cannot build a message for {delivery.email!r}: {type(exc).__name__}: {exc}"
             self._record_failure(delivery, Outcome("failed", None, answer))
@@ -484,12 +487,11 @@ class _Worker:
             return
         if outcome.status == "sent":
             now = time.time()
-            run.journal.accepted(delivery.id, message_id, now)
+            run.journal.accepted(delivery.id, now)
             if not self.accepted:
                 self.first_accepted = time.monotonic()
-            self.accepted.append(
-                (delivery.id, outcome.answer[:500], message_id, datetime.fromtimestamp(now, UTC))
-            )
+            self.accepted.append(delivery.id)
+            self.last_accepted = now
             run.count("sent")
             if (
                 len(self.accepted) >= FLUSH_EVERY
@@ -528,5 +530,6 @@ class _Worker:
 
     def _flush(self) -> None:
         if self.accepted:
-            record_sent(self.db, self.owner, self.accepted)
+            when = datetime.fromtimestamp(self.last_accepted, UTC)
+            record_sent(self.db, self.owner, self.sender.takeover.domain, self.accepted, when)
             self.accepted = []

@@ -21,6 +21,7 @@ from sqlalchemy import exists, or_, select
 from newsletter.config import Settings
 from newsletter.ledger import (
     MAIL_CHANNEL,
+    Takeover,
     forget_dead_journals,
     prune_one_off,
     reclaim_abandoned,
@@ -141,9 +142,8 @@ class Worker:
 
     def reclaim(self) -> None:
         """Requeue one-off mail claimed by senders that died (a worker killed mid-send)."""
-        stale = timedelta(seconds=self.settings.claim_timeout)
         with self.store.engine.connect() as db:
-            reclaim_abandoned(db, None, self.scheduler.owner, self.scheduler.journals, stale)
+            reclaim_abandoned(db, None, self.scheduler.owner, Takeover.of(self.settings))
 
     def housekeeping(self) -> None:
         """Forget what is no longer needed: old one-off mail, old signup attempts, and the

@@ -33,7 +33,7 @@ def _parse(body: bytes) -> email.message.EmailMessage:
 
 
 def _body(settings: Settings, address: str) -> bytes:
-    return outbound.confirmation(settings, TOKENS, address)[0]
+    return outbound.confirmation(settings, TOKENS, address, "1.abc@example.com")
 
 
 def _queue(store: Store, settings: Settings, *addresses: str) -> int:

@@ -240,7 +240,13 @@ def test_dead_senders_journal_is_replayed(store, tmp_path: Path) -> None:
     from datetime import timedelta
 
     from newsletter.journal import Journal
-    from newsletter.ledger import claim, new_owner, reclaim_abandoned
+    from newsletter.ledger import (
+        Takeover,
+        claim,
+        delivery_message_id,
+        new_owner,
+        reclaim_abandoned,
+    )
 
     journals = tmp_path / "journals"
     _subscribe(store, 5)
@@ -251,20 +257,20 @@ def test_dead_senders_journal_is_replayed(store, tmp_path: Path) -> None:
         claimed = claim(session, issue_id, dead, 5)
     journal = Journal(dead, journals)
     journal.open()
-    journal.accepted(claimed[0].id, "m0@example.com", 1_700_000_000.0)
-    journal.accepted(claimed[1].id, "m1@example.com", 1_700_000_001.0)
-    hour = timedelta(hours=1)
+    journal.accepted(claimed[0].id, 1_700_000_000.0)
+    journal.accepted(claimed[1].id, 1_700_000_001.0)
+    takeover = Takeover(journals, timedelta(hours=1), "example.com")
     with store.session() as session:
-        assert reclaim_abandoned(session, issue_id, "me", journals, hour) == 0  # alive: locked
+        assert reclaim_abandoned(session, issue_id, "me", takeover) == 0  # alive: locked
     journal.close(keep=True)  # the lock goes, the file stays: what a SIGKILL leaves
     with store.session() as session:
-        assert reclaim_abandoned(session, issue_id, "me", journals, hour) == 3
+        assert reclaim_abandoned(session, issue_id, "me", takeover) == 3
     with store.session() as session:
         rows = session.execute(
             select(Delivery.id, Delivery.status, Delivery.message_id).order_by(Delivery.id)
         ).all()
     assert [r.status for r in rows] == ["sent", "sent", "queued", "queued", "queued"]
-    assert rows[0].message_id == "m0@example.com"
+    assert rows[0].message_id == delivery_message_id(rows[0].id, dead, "example.com")
     assert not journal.path.exists()
 
 
@@ -277,7 +283,7 @@ def test_a_live_sender_that_stopped_renewing_loses_its_rows(store, tmp_path: Pat
     from sqlalchemy import update
 
     from newsletter.journal import Journal
-    from newsletter.ledger import claim, new_owner, reclaim_abandoned, renew
+    from newsletter.ledger import Takeover, claim, new_owner, reclaim_abandoned, renew
 
     journals = tmp_path / "journals"
     _subscribe(store, 4)
@@ -288,13 +294,14 @@ def test_a_live_sender_that_stopped_renewing_loses_its_rows(store, tmp_path: Pat
     journal.open()
     with store.session() as session:
         claimed = claim(session, issue_id, paused, 4)
-    journal.accepted(claimed[0].id, "m0@example.com", 1_700_000_000.0)
+    journal.accepted(claimed[0].id, 1_700_000_000.0)
     timeout = timedelta(minutes=10)
+    takeover = Takeover(journals, timeout, "example.com")
     with store.session() as session:
-        assert reclaim_abandoned(session, issue_id, "me", journals, timeout) == 0
+        assert reclaim_abandoned(session, issue_id, "me", takeover) == 0
         session.execute(update(Delivery).values(claimed_at=utcnow() - 2 * timeout))
         session.commit()
-        assert reclaim_abandoned(session, issue_id, "me", journals, timeout) == 3
+        assert reclaim_abandoned(session, issue_id, "me", takeover) == 3
         assert renew(session, [d.id for d in claimed], paused) == set()
     assert journal.path.exists()  # its owner lives: its journal is its own
     journal.close()
@@ -340,7 +347,7 @@ def test_unwritable_journal_stops_before_any_message(store, tmp_path: Path, monk
     """A journal folder that cannot be created is a one-line DeliveryError before sending."""
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
-    monkeypatch.setattr("newsletter.sender.journal_dir", lambda url: blocker / "journal")
+    monkeypatch.setattr("newsletter.ledger.journal_dir", lambda url: blocker / "journal")
     _subscribe(store, 3)
     settings = _settings(tmp_path)
     transport = MemoryTransport()

@@ -70,7 +70,7 @@ def _body(mail: Delivery) -> bytes:
         from_address="Weekly Links <links@example.com>",
     )
     assert mail.kind == "confirm" and mail.issue_id is None
-    return confirmation(settings, TOKENS, mail.email)[0]
+    return confirmation(settings, TOKENS, mail.email, "queued.1@example.com")
 
 
 def _link(mail: Delivery, kind: str = "confirm") -> str:
