@@ -375,6 +375,15 @@ def renew(db: Connection | Session, delivery_ids: list[int], owner: str) -> set[
     return held
 
 
+def bound_transactions(db: Connection, seconds: int) -> None:
+    """PostgreSQL ends this connection's session if it sits in an open transaction longer
+    than ``seconds``: a sender paused there (a stopped process, a suspended VM) would
+    otherwise hold row locks that keep everyone else from taking its rows over."""
+    if _postgresql(db):
+        db.exec_driver_sql(f"SET idle_in_transaction_session_timeout = {int(seconds * 1000)}")
+        db.commit()
+
+
 def _postgresql(db: Connection | Session) -> bool:
     bind = db if isinstance(db, Connection) else db.get_bind()
     return bind.dialect.name == "postgresql"

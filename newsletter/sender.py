@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -33,6 +33,7 @@ from newsletter.ledger import (
     Scope,
     Takeover,
     alive_as,
+    bound_transactions,
     claim,
     create_issue,
     delivery_message_id,
@@ -61,7 +62,7 @@ from newsletter.pacing import Pacer, backoff
 from newsletter.render import RenderedIssue, render_issue
 from newsletter.store import Issue, Store, Subscriber, get_or_create_secret_key, utcnow
 from newsletter.tokens import Tokens, unsubscribe_url
-from newsletter.transports import Outcome, Transport, make_transport
+from newsletter.transports import Message, Outcome, Transport, make_transport
 
 log = logging.getLogger(__name__)
 
@@ -349,6 +350,7 @@ class _Run:
         transport = self.sender.factory()
         try:
             with self.sender.store.engine.connect() as db:
+                bound_transactions(db, self.sender.settings.claim_timeout)
                 _Worker(self, db, transport).run()
         except Exception as exc:  # a database error must stop the send, not hang it
             self.journal.keep = True  # what this thread had not recorded is replayed on resume
@@ -370,6 +372,10 @@ class _Run:
         self.aborted.set()
 
 
+class TakenOver(Exception):
+    """The message waiting for its body was taken over while this sender was paused."""
+
+
 class _Worker:
     """One connection's loop: claim a batch, send each message, record the answers."""
 
@@ -383,6 +389,8 @@ class _Worker:
         self.last_accepted = 0.0
         self.failures = 0
         self.renewed = (0.0, 0.0)  # monotonic and wall-clock time of the last claim or renewal
+        self.going_on = True  # False once a batch found the send must stop
+        self.waiting: Claimed | None = None  # drawn by the transport, not answered yet
 
     def run(self) -> None:
         try:
@@ -418,36 +426,73 @@ class _Worker:
 
     def _still_ours(self, batch: list[Claimed]) -> list[Claimed]:
         """The rest of the batch, less what was taken over, once the claim needs renewing
-        (by either clock: a suspended machine's monotonic clock stands still)."""
+        (by either clock: a suspended machine's monotonic clock stands still). If the
+        message whose body the server is waiting for was taken over, TakenOver: its body
+        must not go (the rest of the batch is given back)."""
         monotonic, wall = self.renewed
         elapsed = max(time.monotonic() - monotonic, time.time() - wall)
         if elapsed < self.sender.renew_every:
             return batch
         self._flush()
-        held = renew(self.db, [d.id for d in batch], self.owner)
+        waiting = [self.waiting] if self.waiting is not None else []
+        held = renew(self.db, [d.id for d in [*waiting, *batch]], self.owner)
         self.renewed = (time.monotonic(), time.time())
-        if len(held) < len(batch):
-            log.warning(
-                "%d claimed deliveries were taken over while this sender was paused",
-                len(batch) - len(held),
-            )
-        return [d for d in batch if d.id in held]
+        lost = len(waiting) + len(batch) - len(held)
+        if lost:
+            log.warning("%d claimed deliveries were taken over while this sender was paused", lost)
+        kept = [d for d in batch if d.id in held]
+        if waiting and waiting[0].id not in held:
+            self.waiting = None
+            release(self.db, [d.id for d in kept], self.owner)
+            raise TakenOver
+        return kept
 
     def _send_batch(self, batch: list[Claimed]) -> bool:
+        """Send a claimed batch as one run over the connection; False when the send must
+        stop (the rest of the batch goes back to the queue)."""
+        self.going_on = True
+        try:
+            for delivery, outcome in self.transport.send_all(self._ready(batch)):
+                self._recorded(delivery, outcome)
+        except TakenOver:  # the transport dropped the connection: that body never left
+            pass
+        return self.going_on
+
+    def _ready(self, batch: list[Claimed]) -> Iterator[tuple[Claimed, Message]]:
+        """The batch's messages as the transport draws them: each one still ours, still
+        wanted and paced; what must not go is recorded or given back here."""
+        sender = self.sender
         while batch:
             batch = self._still_ours(batch)
             if not batch:
-                return True
+                return
             unreachable = self.failures >= self.options.max_connection_failures
             if self.run_.stopped() or unreachable:
                 self._flush()
                 release(self.db, [d.id for d in batch], self.owner)
                 if unreachable:
                     self.run_.stop_all("the SMTP server cannot be reached")
-                return False
+                self.going_on = False
+                return
             delivery, batch = batch[0], batch[1:]
-            self._deliver(delivery)
-        return True
+            if not delivery.mailable:
+                mark(
+                    self.db, delivery.id, self.owner, "skipped", last_answer="no longer subscribed"
+                )
+                self.db.commit()
+                self.run_.count("skipped")
+                continue
+            try:
+                data = self._message(delivery)
+            except Exception as exc:  # one address the message cannot carry must not stop a send
+                answer = (
+                    f"cannot build a message for {delivery.email!r}: {type(exc).__name__}: {exc}"
+                )
+                self._record_failure(delivery, Outcome("failed", None, answer))
+                continue
+            sender.pacer.wait()
+            self.waiting = delivery  # until its answer: the next draw comes before its body
+            yield delivery, Message(sender.envelope_from, wire_address(delivery.email), data)
 
     def _message(self, delivery: Claimed) -> bytes:
         """The wire bytes of a delivery's message."""
@@ -462,21 +507,11 @@ class _Worker:
         )
         return template.build(Recipient(delivery.email, delivery.name, url, message_id))
 
-    def _deliver(self, delivery: Claimed) -> None:
+    def _recorded(self, delivery: Claimed, outcome: Outcome) -> None:
+        """Take in the server's answer to one message."""
         sender, run = self.sender, self.run_
-        if not delivery.mailable:
-            mark(self.db, delivery.id, self.owner, "skipped", last_answer="no longer subscribed")
-            self.db.commit()
-            run.count("skipped")
-            return
-        try:
-            data = self._message(delivery)
-        except Exception as exc:  # one address the message cannot carry must not stop a send
-            answer = f"cannot build a message for {delivery.email!r}: {type(exc).__name__}: {exc}"
-            self._record_failure(delivery, Outcome("failed", None, answer))
-            return
-        sender.pacer.wait()
-        outcome = self.transport.send(sender.envelope_from, wire_address(delivery.email), data)
+        if self.waiting is delivery:
+            self.waiting = None
         dropped = outcome.status == "retry" and outcome.code is None
         self.failures = self.failures + 1 if dropped else 0
         if outcome.throttle:

@@ -2,7 +2,9 @@
 
 A transport sends bytes to one address and says what the server answered; it knows
 nothing of subscribers or issues. The sender opens one transport per worker thread,
-so ``NEWSLETTER_SMTP_CONNECTIONS`` transports are the connection pool.
+so ``NEWSLETTER_SMTP_CONNECTIONS`` transports are the connection pool. A run of messages
+goes through :meth:`Transport.send_all`, which over SMTP puts each message's envelope on
+the wire right behind the previous message's body: one round trip per message.
 
 Messages arrive in SMTP wire format (CRLF line ends, already dot-stuffed, without the
 final ``.``): the message builder stuffs the template once per issue, so no transport
@@ -19,11 +21,11 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Protocol, TypeVar
 
 from newsletter.errors import DeliveryError
 from newsletter.files import atomic_write
@@ -53,6 +55,18 @@ class Outcome:
     sender_refused: bool = False
 
 
+@dataclass(frozen=True)
+class Message:
+    """One message for one recipient: ``data`` in wire format (CRLF, dot-stuffed)."""
+
+    envelope_from: str
+    recipient: str
+    data: bytes
+
+
+Key = TypeVar("Key")
+
+
 class Transport(Protocol):
     """What the sender needs from a way of delivering mail."""
 
@@ -62,8 +76,20 @@ class Transport(Protocol):
     def send(self, envelope_from: str, recipient: str, data: bytes) -> Outcome:
         """Deliver ``data`` (wire format) to one recipient; network trouble is an Outcome."""
 
+    def send_all(self, messages: Iterable[tuple[Key, Message]]) -> Iterator[tuple[Key, Outcome]]:
+        """Deliver messages as they are drawn, each outcome with its key, in order; the next
+        message may be drawn before the previous one's outcome is given."""
+
     def close(self) -> None:
         """Let go of connections; the transport may be used again afterwards."""
+
+
+def one_at_a_time(
+    transport: Transport, messages: Iterable[tuple[Key, Message]]
+) -> Iterator[tuple[Key, Outcome]]:
+    """``send_all`` for a transport with nothing to gain from looking ahead."""
+    for key, message in messages:
+        yield key, transport.send(message.envelope_from, message.recipient, message.data)
 
 
 def to_wire(message_bytes: bytes) -> bytes:
@@ -144,7 +170,7 @@ class SmtpTransport:
         self.username, self._password = username, password
         self.timeout, self.local_hostname = timeout, local_hostname
         self._conn: smtplib.SMTP | None = None
-        self._dirty = False  # the last message failed: RSET before the next one
+        self._dirty = False  # an envelope was refused: RSET before the next one
 
     @property
     def where(self) -> str:
@@ -239,14 +265,68 @@ class SmtpTransport:
         conn.login(self.username, self._password or "")
 
     def send(self, envelope_from: str, recipient: str, data: bytes) -> Outcome:
-        """Deliver one message. Never raises for SMTP trouble: a failed (re)connect is a retry
-        with code None (the DeliveryError text as answer), which the sender counts as an
-        unreachable server; only a 4xx at greeting or login keeps its code."""
-        for address in (envelope_from, recipient):
+        """Deliver one message (see :meth:`send_all`)."""
+        [(_, outcome)] = self.send_all([(None, Message(envelope_from, recipient, data))])
+        return outcome
+
+    def send_all(self, messages: Iterable[tuple[Key, Message]]) -> Iterator[tuple[Key, Outcome]]:
+        """Deliver each message over the reused connection, reconnecting as needed.
+
+        Never raises for SMTP trouble: a failed (re)connect is a retry with code None (the
+        DeliveryError text as answer), which the sender counts as an unreachable server;
+        only a 4xx at greeting or login keeps its code. When the server offers PIPELINING,
+        the next message is drawn before this one's body is sent, and its envelope goes out
+        behind the body; if the connection breaks or closes before that envelope is
+        answered, it is sent again on a new connection (its body never left, so it cannot
+        have been delivered).
+        """
+        queue = iter(messages)
+        item = next(queue, None)
+        announced = False  # the item's envelope is on the wire already, behind the last body
+        try:
+            while item is not None:
+                key, message = item
+                following = None
+                refused = None if announced else self._unsendable(message)
+                if refused is None:
+                    try:
+                        refused = self._envelope(message, announced)
+                        if refused is None:
+                            following = self._draw(queue)
+                            ahead = self._ahead(following)
+                            tail = b".\r\n" if message.data.endswith(b"\r\n") else b"\r\n.\r\n"
+                            self._conn.sock.sendall(message.data + tail + ahead)  # type: ignore[union-attr]
+                            announced = bool(ahead)
+                            refused = self._final(classify("final", *self._conn.getreply()))  # type: ignore[union-attr]
+                    except _DROPPED as exc:
+                        self._discard()
+                        reason = " ".join(str(exc).split()) or type(exc).__name__
+                        refused = Outcome("retry", None, f"connection dropped: {reason}")
+                if self._conn is None:
+                    announced = False
+                yield key, refused
+                item = following if following is not None else next(queue, None)
+                if following is None:
+                    announced = False
+        finally:
+            if announced:  # an envelope is waiting for its body, which will not come
+                self._discard()
+
+    def _draw(self, queue: Iterator[tuple[Key, Message]]) -> tuple[Key, Message] | None:
+        """The next message, drawn while the server waits for this one's body: if drawing
+        it fails, the connection is dropped, so no half-sent message is ever completed."""
+        try:
+            return next(queue, None)
+        except BaseException:
+            self._discard()
+            raise
+
+    def _unsendable(self, message: Message) -> Outcome | None:
+        """Why this message cannot go on this connection, without a command; None if it can
+        (a connection is opened here when there is none)."""
+        for address in (message.envelope_from, message.recipient):
             if _UNSAFE_ADDRESS.search(address):
                 return Outcome("failed", None, f"invalid address {address!r}")
-        if self._conn is not None and self._dirty and not self._reset():
-            self._discard()
         if self._conn is None:
             try:
                 self._conn = self._open()
@@ -254,74 +334,95 @@ class SmtpTransport:
                 code = exc.code if isinstance(exc, _BusyServer) else None
                 throttle = code is not None and slows_down("connect", code)
                 return Outcome("retry", code, str(exc), throttle=throttle)
-        try:
-            outcome = self._transact(self._conn, envelope_from, recipient, data)
-        except _DROPPED as exc:
+        needs_utf8 = not (message.envelope_from + message.recipient).isascii()
+        if needs_utf8 and not self._conn.has_extn("smtputf8"):
+            return Outcome(
+                "failed",
+                None,
+                f"{message.recipient}: {self.where} does not offer SMTPUTF8, which an address "
+                "with non-ASCII characters needs",
+            )
+        return None
+
+    def _commands(self, message: Message) -> list[bytes]:
+        """RSET when the last envelope was refused, then MAIL FROM, RCPT TO and DATA."""
+        conn = self._conn
+        assert conn is not None
+        params = " BODY=8BITMIME" if conn.has_extn("8bitmime") else ""
+        if conn.has_extn("size"):
+            params += f" SIZE={len(message.data)}"
+        if not (message.envelope_from + message.recipient).isascii():
+            params += " SMTPUTF8"
+        commands = [b"RSET\r\n"] if self._dirty else []
+        return [
+            *commands,
+            f"MAIL FROM:<{message.envelope_from}>{params}\r\n".encode(),
+            f"RCPT TO:<{message.recipient}>\r\n".encode(),
+            b"DATA\r\n",
+        ]
+
+    def _ahead(self, following: tuple[object, Message] | None) -> bytes:
+        """The next message's envelope, to go out behind this body (pipelining only)."""
+        conn = self._conn
+        if following is None or conn is None or not conn.has_extn("pipelining"):
+            return b""
+        if self._unsendable(following[1]) is not None:
+            return b""  # it is refused without a command when its turn comes
+        return b"".join(self._commands(following[1]))
+
+    def _envelope(self, message: Message, announced: bool) -> Outcome | None:
+        """Send the envelope (unless ``announced``) and read its answers: None once the
+        server waits for the body (354), else why the message is refused."""
+        conn = self._conn
+        assert conn is not None
+        commands = self._commands(message)
+        stages = [*(["reset"] if self._dirty else []), "mail", "rcpt", "data"]
+        pipelined = conn.has_extn("pipelining")
+        if pipelined and not announced:
+            conn.sock.sendall(b"".join(commands))
+        for stage, command in zip(stages, commands, strict=True):
+            if not pipelined:
+                conn.sock.sendall(command)
+            code, text = conn.getreply()
+            if stage == "reset":
+                self._dirty = code != 250
+                if self._dirty:
+                    raise smtplib.SMTPResponseException(code, text)  # a new connection
+                continue
+            if (stage, code) in (("mail", 250), ("rcpt", 250), ("rcpt", 251)):
+                continue
+            if (stage, code) == ("data", 354):
+                return None
+            return self._refused(stage, code, text, pipelined, stages.index(stage), len(stages))
+        raise AssertionError("unreachable")
+
+    def _refused(self, stage: str, code: int, text: bytes, pipelined: bool, at: int, of: int):
+        """An envelope refused at ``stage``: read what the pipelined rest answered (and end
+        a DATA that was accepted anyway), then RSET before the next message."""
+        conn = self._conn
+        assert conn is not None
+        outcome = classify(stage, code, text)
+        last = code
+        if pipelined and code != 421:
+            for _ in range(of - at - 1):
+                last = conn.getreply()[0]
+                if last == 421:
+                    break
+        if last == 354:
+            conn.sock.sendall(b".\r\n")
+            conn.getreply()
+        self._dirty = True
+        if 421 in (code, last):
             self._discard()
-            reason = " ".join(str(exc).split()) or type(exc).__name__
-            return Outcome("retry", None, f"connection dropped: {reason}")
+        return outcome
+
+    def _final(self, outcome: Outcome) -> Outcome:
+        """After the body's answer: a 421 or an odd answer ends the connection."""
         if outcome.code == 421 or (
             outcome.status == "retry" and not 400 <= (outcome.code or 0) < 500
         ):
             self._discard()
-        elif outcome.status != "sent":
-            self._dirty = True
         return outcome
-
-    def _reset(self) -> bool:
-        """RSET after a failed message; False means the connection must be replaced."""
-        assert self._conn is not None
-        try:
-            code, _ = self._command(self._conn, b"RSET\r\n")
-        except _DROPPED:
-            return False
-        self._dirty = code != 250
-        return code == 250
-
-    @staticmethod
-    def _command(conn: smtplib.SMTP, line: bytes) -> tuple[int, bytes]:
-        conn.sock.sendall(line)
-        return conn.getreply()
-
-    def _transact(self, conn: smtplib.SMTP, sender: str, recipient: str, data: bytes) -> Outcome:
-        params = " BODY=8BITMIME" if conn.has_extn("8bitmime") else ""
-        if conn.has_extn("size"):
-            params += f" SIZE={len(data)}"
-        if not (sender + recipient).isascii():
-            if not conn.has_extn("smtputf8"):
-                return Outcome(
-                    "failed",
-                    None,
-                    f"{recipient}: {self.where} does not offer SMTPUTF8, which an address "
-                    "with non-ASCII characters needs",
-                )
-            params += " SMTPUTF8"
-        mail = f"MAIL FROM:<{sender}>{params}\r\n".encode()
-        rcpt = f"RCPT TO:<{recipient}>\r\n".encode()
-        if conn.has_extn("pipelining"):
-            conn.sock.sendall(b"".join((mail, rcpt, b"DATA\r\n")))
-            replies = [conn.getreply()]
-            for _ in range(2):
-                if replies[-1][0] == 421:
-                    break
-                replies.append(conn.getreply())
-        else:
-            replies = []
-            for line in (mail, rcpt, b"DATA\r\n"):
-                replies.append(self._command(conn, line))
-                if replies[-1][0] not in (250, 251, 354):
-                    break
-        for stage, (code, message), ok in zip(
-            ("mail", "rcpt", "data"), replies, ((250,), (250, 251), (354,)), strict=False
-        ):
-            if code not in ok:
-                outcome = classify(stage, code, message)
-                if replies[-1][0] == 354:
-                    self._command(conn, b".\r\n")
-                return outcome
-        tail = b".\r\n" if data.endswith(b"\r\n") else b"\r\n.\r\n"
-        conn.sock.sendall(data + tail)
-        return classify("final", *conn.getreply())
 
 
 class OutboxTransport:
@@ -361,6 +462,10 @@ class OutboxTransport:
         except OSError as exc:
             return Outcome("retry", None, f"cannot write {path}: {exc.strerror or exc}")
         return Outcome("sent", 250, f"written to {path}")
+
+    def send_all(self, messages: Iterable[tuple[Key, Message]]) -> Iterator[tuple[Key, Outcome]]:
+        """One file after another."""
+        return one_at_a_time(self, messages)
 
     def close(self) -> None:
         """Nothing to release."""
@@ -409,6 +514,10 @@ class MemoryTransport:
         with self._lock:
             self.attempts.append(Attempt(envelope_from, recipient, data, outcome))
         return outcome
+
+    def send_all(self, messages: Iterable[tuple[Key, Message]]) -> Iterator[tuple[Key, Outcome]]:
+        """One after another, as scripted."""
+        return one_at_a_time(self, messages)
 
     def close(self) -> None:
         """Count the call."""

@@ -71,6 +71,7 @@ class Received:
     data: bytes
     connection: int
     mail_options: tuple[str, ...] = ()
+    followed: bool = False  # the next commands had arrived before this message was answered
 
 
 @dataclass(frozen=True)
@@ -280,13 +281,14 @@ class SmtpSink:
         with self._lock:
             self._commands.append(Command(connection, verb, pipelined))
 
-    def record_message(self, connection: int, envelope: Envelope) -> None:
+    def record_message(self, connection: int, envelope: Envelope, followed: bool = False) -> None:
         message = Received(
             envelope.mail_from,
             tuple(envelope.rcpt_tos),
             envelope.original_content,
             connection,
             tuple(envelope.mail_options),
+            followed,
         )
         with self._lock:
             self._messages.append(message)

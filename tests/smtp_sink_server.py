@@ -117,7 +117,8 @@ class SinkHandler:
         if reply:
             return reply
         server.accepted += 1
-        self.sink.record_message(server.connection_id, envelope)
+        followed = bool(server._reader._buffer)  # type: ignore[attr-defined]
+        self.sink.record_message(server.connection_id, envelope, followed)
         return f"250 2.0.0 Ok: queued as {server.connection_id}.{server.accepted}"
 
 

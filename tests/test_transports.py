@@ -19,6 +19,7 @@ from smtp_sink import SmtpSink, in_fraction
 from newsletter.config import load_settings
 from newsletter.errors import DeliveryError
 from newsletter.transports import (
+    Message,
     MemoryTransport,
     OutboxTransport,
     Outcome,
@@ -77,6 +78,76 @@ def test_one_connection_carries_100_pipelined_messages(
     assert smtp_sink.connections_opened == 1
     mails = [c for c in smtp_sink.commands if c.verb == "MAIL"]
     assert len(mails) == 100 and all(c.pipelined for c in mails)
+
+
+def _batch(count: int, prefix: str = "r") -> list[tuple[int, Message]]:
+    return [(n, Message(SENDER, f"{prefix}{n}@example.com", wire_message())) for n in range(count)]
+
+
+def test_send_all_puts_each_next_envelope_behind_the_body(
+    smtp_sink: SmtpSink, transport: SmtpTransport
+) -> None:
+    """A run of messages costs one round trip each: the next envelope is on the wire before
+    the server answers a body; each outcome comes back with its key, in order."""
+    results = list(transport.send_all(_batch(5)))
+    assert [key for key, _ in results] == [0, 1, 2, 3, 4]
+    assert all(outcome.status == "sent" for _, outcome in results)
+    received = smtp_sink.wait_for(5)
+    assert [m.followed for m in received] == [True, True, True, True, False]
+    assert smtp_sink.connections_opened == 1
+    transport.send(SENDER, "alone@example.com", wire_message())
+    assert smtp_sink.wait_for(6)[5].followed is False
+
+
+def test_an_envelope_behind_a_body_that_closes_the_connection_is_sent_again(
+    smtp_sink: SmtpSink, transport: SmtpTransport
+) -> None:
+    """421 to a body (the server closes) or a drop: the next message, whose envelope went out
+    behind that body but whose body never left, goes on a new connection, not counted as a
+    failure of its own."""
+    smtp_sink.fail("data", "421 4.7.0 closing, too many messages", recipients=["r1@example.com"])
+    results = dict(transport.send_all(_batch(4)))
+    assert results[1].status == "retry" and results[1].code == 421
+    assert {key: o.status for key, o in results.items() if key != 1} == {
+        0: "sent",
+        2: "sent",
+        3: "sent",
+    }
+    assert sorted(r for m in smtp_sink.messages for r in m.recipients) == [
+        "r0@example.com",
+        "r2@example.com",
+        "r3@example.com",
+    ]
+    assert smtp_sink.connections_opened == 2
+
+
+def test_a_refused_envelope_in_a_run_leaves_the_rest_going(
+    smtp_sink: SmtpSink, transport: SmtpTransport
+) -> None:
+    """A recipient refused in the middle of a run: its body is never sent, RSET clears the
+    transaction, and the messages after it go through on the same connection."""
+    smtp_sink.fail("rcpt", "550 5.1.1 user unknown", recipients=["r2@example.com"])
+    results = dict(transport.send_all(_batch(5)))
+    assert results[2].status == "bounced"
+    assert [key for key, o in results.items() if o.status == "sent"] == [0, 1, 3, 4]
+    assert smtp_sink.connections_opened == 1 and smtp_sink.command_counts()["RSET"] == 1
+
+
+def test_a_failure_drawing_the_next_message_never_completes_this_one(
+    smtp_sink: SmtpSink, transport: SmtpTransport
+) -> None:
+    """If drawing the next message fails while the server waits for a body, the connection
+    is dropped: the half-sent message is never delivered."""
+
+    def messages():
+        yield 0, Message(SENDER, "first@example.com", wire_message())
+        raise RuntimeError("the database went away")
+
+    with pytest.raises(RuntimeError):
+        list(transport.send_all(messages()))
+    assert transport.send(SENDER, "after@example.com", wire_message()).status == "sent"
+    assert [m.recipients for m in smtp_sink.wait_for(1)] == [("after@example.com",)]
+    assert smtp_sink.connections_opened == 2
 
 
 def test_four_worker_threads_use_four_connections(smtp_sink: SmtpSink) -> None:
@@ -185,12 +256,15 @@ def test_454_is_a_throttled_retry(smtp_sink: SmtpSink, transport: SmtpTransport)
 def test_permanent_and_temporary_answers_are_classified(
     smtp_sink: SmtpSink, transport: SmtpTransport, stage: str, reply: str, status: str
 ) -> None:
-    """5.1.x at RCPT or after DATA bounces, other 5xx fail, 4xx retry; the connection lives on."""
+    """5.1.x at RCPT or after DATA bounces, other 5xx fail, 4xx retry; the connection lives on,
+    with an RSET before the next message when the refusal left a transaction open (after the
+    body the transaction is over, whatever the answer)."""
     smtp_sink.fail(stage, reply, times=1, recipients=None if stage == "mail" else ["a@x.test"])
     outcome = transport.send(SENDER, "a@x.test", wire_message())
     assert (outcome.status, outcome.answer, outcome.throttle) == (status, reply, False)
     assert transport.send(SENDER, "b@example.com", wire_message()).status == "sent"
-    assert smtp_sink.connections_opened == 1 and smtp_sink.command_counts()["RSET"] == 1
+    resets = 0 if stage == "data" else 1
+    assert smtp_sink.connections_opened == 1 and smtp_sink.command_counts()["RSET"] == resets
 
 
 def test_rejected_rcpt_under_pipelining_sends_no_body(
