@@ -304,6 +304,7 @@ def _inline_css(document: str) -> str:
         allow_network=False,
         keep_style_tags=False,
         remove_classes=False,
+        disable_validation=True,  # cssutils only logs what it finds: no output changes
     ).transform(pretty_print=False)
 
 
