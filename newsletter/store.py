@@ -354,7 +354,8 @@ def _execute_when_unlocked(cursor: sqlite3.Cursor, statement: str) -> None:
             cursor.execute(statement)
             return
         except sqlite3.OperationalError as exc:
-            if "locked" not in str(exc) or time.monotonic() > deadline:
+            busy = exc.sqlite_errorcode in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
+            if not busy or time.monotonic() > deadline:
                 raise
             time.sleep(0.02)
 
