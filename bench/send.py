@@ -626,7 +626,7 @@ def step_costs(url: str, port: int) -> None:
     from newsletter.ledger import claim, create_issue, mark, new_owner
     from newsletter.message import MessageTemplate, Recipient, new_message_id
     from newsletter.pacing import Pacer
-    from newsletter.sender import plan_send, secret_key
+    from newsletter.sender import plan_send
     from newsletter.store import open_store
     from newsletter.tokens import Tokens, unsubscribe_url
     from newsletter.transports import SmtpTransport
@@ -652,7 +652,7 @@ def step_costs(url: str, port: int) -> None:
             list_name=settings.list_name,
             site_url=settings.site_url,
         )
-        tokens = Tokens(secret_key(settings, store))
+        tokens = Tokens(store.secret_key(settings.secret_key))
         owner = new_owner()
         with store.session() as session:
             start = time.perf_counter()

@@ -60,7 +60,7 @@ from newsletter.message import (
 from newsletter.outbound import one_off_message
 from newsletter.pacing import Pacer, backoff
 from newsletter.render import RenderedIssue, render_issue
-from newsletter.store import Issue, Store, Subscriber, get_or_create_secret_key, utcnow
+from newsletter.store import Issue, Store, Subscriber, utcnow
 from newsletter.tokens import Tokens, unsubscribe_url
 from newsletter.transports import Message, Outcome, Transport, make_transport
 
@@ -123,11 +123,6 @@ class Plan:
     recipients: int
     resume: Issue | None  # the unfinished issue of this digest, which the send joins
     previous: Issue | None = None  # the finished one, when forced to send it again
-
-
-def secret_key(settings: Settings, store: Store) -> str:
-    """The configured key, or the one generated once and kept in the database."""
-    return settings.secret_key or get_or_create_secret_key(store.engine)
 
 
 def plan_send(store: Store, settings: Settings, path: Path | str, force: bool = False) -> Plan:
@@ -209,7 +204,7 @@ def send_test_copies(
 ) -> list[tuple[str, Outcome]]:
     """Send ``--to`` copies: real messages, but no issue and no delivery is recorded."""
     template = message_template(settings, rendered)
-    tokens = Tokens(secret_key(settings, store))
+    tokens = Tokens(store.secret_key(settings.secret_key))
     transport = make_transport(settings)
     try:
         transport.check()
@@ -270,7 +265,7 @@ class Sender:
         self.renew_every = min(RENEW_AT_MOST, settings.claim_timeout / 4)
         self.envelope_from = envelope_address(settings.from_address)
         self.pacer = Pacer(settings.send_rate)
-        self.tokens = Tokens(secret_key(settings, store))
+        self.tokens = Tokens(store.secret_key(settings.secret_key))
         self._lock = threading.Lock()
         self._last_note = 0.0
 

@@ -37,7 +37,7 @@ from newsletter import subscribers
 from newsletter.config import Settings
 from newsletter.errors import InputError, InvalidField
 from newsletter.ledger import queue_mail
-from newsletter.store import SignupAttempt, Store, Subscriber, get_or_create_secret_key, utcnow
+from newsletter.store import SignupAttempt, Store, Subscriber, utcnow
 from newsletter.tokens import Tokens
 
 PER_ADDRESS_LIMIT = 3
@@ -66,7 +66,7 @@ class TooManySignups(InputError):
 def make_tokens(settings: Settings, store: Store) -> Tokens:
     """Tokens signed with the configured key, or the one generated once and kept in the
     database (the same one ``newsletter send`` signs unsubscribe links with)."""
-    return Tokens(settings.secret_key or get_or_create_secret_key(store.engine))
+    return Tokens(store.secret_key(settings.secret_key))
 
 
 def client_key(ip: str | None) -> str:

@@ -303,6 +303,11 @@ class Store:
                 raise
             session.commit()
 
+    def secret_key(self, configured: str | None) -> str:
+        """The key that signs tokens: the configured one, or the one made once and kept in
+        the database (see :func:`get_or_create_secret_key`)."""
+        return configured or get_or_create_secret_key(self.engine)
+
     def revision(self) -> str | None:
         """The migration the database is at."""
         return current_revision(self.engine)
