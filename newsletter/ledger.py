@@ -210,7 +210,7 @@ def create_issue(
         return issue, True
 
 
-def queue_mail(session: Session, kind: str, recipients: list[tuple[int, str]]) -> int:
+def queue_mail(session: Session | Connection, kind: str, recipients: list[tuple[int, str]]) -> int:
     """Queue one-off mail of ``kind`` to each (subscriber id, address) in the caller's
     transaction: sent once that commits; on PostgreSQL the commit also wakes the workers
     listening. How many were queued."""

@@ -29,7 +29,7 @@ from collections.abc import Callable
 from datetime import datetime, timedelta
 from typing import Literal
 
-from sqlalchemy import and_, bindparam, delete, func, insert, or_, select, text, update
+from sqlalchemy import Connection, and_, bindparam, delete, func, insert, or_, select, text, update
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
@@ -116,7 +116,7 @@ _FIND = select(_S.c.id, _S.c.status).where(_S.c.email == bindparam("email"))
 _ADD = insert(_S).returning(_S.c.id)
 
 
-def _retry_after(session: Session, key: str, now: datetime) -> int:
+def _retry_after(session: Session | Connection, key: str, now: datetime) -> int:
     """Seconds until the oldest attempt that counts against ``key`` leaves the window."""
     oldest_counted = session.scalar(
         select(SignupAttempt.attempted_at)
@@ -151,8 +151,9 @@ def signup(
     ip_key = client_key(ip)
     now = utcnow()
     with store.write(keys=[address, ip_key]) as session:
+        db = session.connection()  # Core statements only: the ORM session's work is not needed
         counts = dict(
-            session.execute(
+            db.execute(
                 _COUNTS,
                 {
                     "ip": ip_key,
@@ -163,27 +164,27 @@ def signup(
             ).all()
         )
         if counts.get(ip_key, 0) >= PER_IP_LIMIT:
-            raise TooManySignups(_retry_after(session, ip_key, now))
+            raise TooManySignups(_retry_after(db, ip_key, now))
         attempts = [{"key": ip_key, "attempted_at": now}]
-        found = session.execute(_FIND, {"email": address}).first()
+        found = db.execute(_FIND, {"email": address}).first()
         if found is None:
             row = {"email": address, "name": name, "source": "form", "created_at": now}
             row |= {"confirmed_at": None} | subscribers.status_changes(None, "pending", now)
-            subscriber_id = session.scalar(_ADD, row)
+            subscriber_id = db.scalar(_ADD, row)
         elif found.status in ("pending", "unsubscribed"):  # unsubscribed: came back, asked
             new = subscribers.next_status(found.status, "pending", resubscribe=True)
             changes = subscribers.status_changes(found.status, new, now)
             if changes:
-                session.execute(update(_S).where(_S.c.id == found.id).values(changes))
+                db.execute(update(_S).where(_S.c.id == found.id).values(changes))
             subscriber_id = found.id
         else:  # active: no mail again; bounced, complained: left alone
-            session.execute(_RECORD, attempts)
+            db.execute(_RECORD, attempts)
             return "active" if found.status == "active" else "stopped"
         if counts.get(address, 0) >= PER_ADDRESS_LIMIT:
-            session.execute(_RECORD, attempts)
+            db.execute(_RECORD, attempts)
             return "limited"
-        session.execute(_RECORD, [*attempts, {"key": address, "attempted_at": now}])
-        queue_mail(session, "confirm", [(subscriber_id, address)])
+        db.execute(_RECORD, [*attempts, {"key": address, "attempted_at": now}])
+        queue_mail(db, "confirm", [(subscriber_id, address)])
     return "queued"
 
 
