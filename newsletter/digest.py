@@ -31,6 +31,18 @@ _FENCE = re.compile(r"^\s*(```|~~~)")
 _CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f-\x9f\u2028\u2029]")
 _HEADER_FIELDS = ("subject", "title", "description")  # description becomes the preheader
 _INJECTION = "control characters (a header-injection attempt?) are not allowed"
+# What no digest may hold anywhere: C0 controls but tab and the line breaks, and what XML 1.0
+# (so lxml, so every HTML step) refuses. An ESC pasted from a terminal is a typo to point at,
+# not a reason for a traceback.
+_NOT_TEXT = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\ufffe\uffff\ud800-\udfff]")
+_C0_NAMES = (
+    *("NUL", "SOH", "STX", "ETX", "EOT", "ENQ", "ACK", "BEL", "BS", "HT", "LF", "VT"),
+    *("FF", "CR", "SO", "SI", "DLE", "DC1", "DC2", "DC3", "DC4", "NAK", "SYN", "ETB"),
+    *("CAN", "EM", "SUB", "ESC", "FS", "GS", "RS", "US"),
+)
+# Lines end as an editor counts them: LF, CRLF or a lone CR. Not at FF, NEL or U+2028, which
+# str.splitlines() also splits at and which would shift every line number after them.
+_LINE_END = re.compile(r"\r\n|\r|\n")
 
 
 @dataclass(frozen=True)
@@ -61,7 +73,7 @@ class Digest:
 
     def line_of(self, needle: str) -> int:
         """File line number of the first body line containing ``needle`` (body start if none)."""
-        for offset, text in enumerate(self.body.splitlines()):
+        for offset, text in enumerate(split_lines(self.body)):
             if needle in text:
                 return self.body_line + offset
         return self.body_line
@@ -95,6 +107,46 @@ def _decode(raw: bytes, path: Path) -> str:
         raise DigestError(
             f"{path}:{line}: not UTF-8 (byte 0x{raw[exc.start]:02x}); save the file as UTF-8"
         ) from None
+
+
+def split_lines(text: str) -> list[str]:
+    """The lines of ``text`` as an editor numbers them (no empty line after a final break)."""
+    lines = _LINE_END.split(text)
+    if lines and lines[-1] == "":
+        lines.pop()
+    return lines
+
+
+def _character(char: str) -> str:
+    code = ord(char)
+    name = f" ({_C0_NAMES[code]})" if code < len(_C0_NAMES) else ""
+    return f"U+{code:04X}{name}"
+
+
+def _refuse_control_characters(lines: list[str], path: Path) -> None:
+    for number, line in enumerate(lines, start=1):
+        if match := _NOT_TEXT.search(line):
+            raise DigestError(
+                f"{path}:{number}: control character {_character(match[0])} at column "
+                f"{match.start() + 1}; a digest is text, remove it"
+            )
+
+
+def _refuse_control_characters_in_meta(
+    value: object, key: str, where: Callable[[str], str]
+) -> None:
+    """Front matter values reach the template, so YAML escapes such as ``"\\e"`` count too."""
+    if isinstance(value, dict):
+        for item in value.values():
+            _refuse_control_characters_in_meta(item, key, where)
+    elif isinstance(value, list):
+        for item in value:
+            _refuse_control_characters_in_meta(item, key, where)
+    elif isinstance(value, str) and (match := _NOT_TEXT.search(value)):
+        raise DigestError(
+            f"{where(key)}: front matter field {key!r}: control character "
+            f"{_character(match[0])}; remove it"
+        )
 
 
 def _one_line(message: str) -> str:
@@ -188,7 +240,7 @@ def parse_digest(text: str, path: Path | str = "<digest>") -> Digest:
     """Parse digest text (already decoded) into a :class:`Digest`, repairing mojibake."""
     path = Path(path)
     findings: list[Finding] = []
-    lines = text.splitlines()
+    lines = split_lines(text)
     for number, line in enumerate(lines, start=1):
         fixed = repair_line(line)
         if fixed != line:
@@ -202,6 +254,8 @@ def parse_digest(text: str, path: Path | str = "<digest>") -> Digest:
 
     # Every field that reaches a header or the inbox preview is checked, used or not.
     subject, title, preheader = (_scalar(meta, key, where) for key in _HEADER_FIELDS)
+    for key, value in meta.items():
+        _refuse_control_characters_in_meta(value, str(key), where)
     subject = subject or title
     if not subject and (heading := _first_heading(body_lines)):
         text, index = heading
@@ -212,6 +266,7 @@ def parse_digest(text: str, path: Path | str = "<digest>") -> Digest:
         raise DigestError(
             f"{path}:1: no title: add 'title:' to the front matter or a '# heading' to the text"
         )
+    _refuse_control_characters(lines, path)
     return Digest(
         path=path,
         meta=meta,

@@ -150,3 +150,32 @@ def test_unknown_option_is_usage_error(runner: CliRunner) -> None:
     result = runner.invoke(main, ["render", "x.md", "--bogus"])
     assert result.exit_code == 2
     assert "No such option" in result.stderr
+
+
+ESCAPE_DIGEST = b"---\ntitle: T\n---\n\nSome \x1b[31mred\x1b[0m text\n"
+ESCAPE_ERROR = "esc.md:5: control character U+001B (ESC) at column 6; a digest is text, remove it"
+
+
+def test_control_character_is_one_line_exit_2_in_check_and_render(
+    runner: CliRunner, clean_env: Path
+) -> None:
+    """An ESC in the text: `check` prints one FILE:LINE line, `render` one error line on
+    stderr; both exit 2 and write nothing."""
+    (clean_env / "esc.md").write_bytes(ESCAPE_DIGEST)
+    checked = runner.invoke(main, ["check", "esc.md"])
+    assert (checked.exit_code, checked.stdout) == (2, f"{ESCAPE_ERROR}\n")
+    rendered = runner.invoke(main, ["render", "esc.md", "-o", "out.html"])
+    assert (rendered.exit_code, rendered.stderr) == (2, f"error: {ESCAPE_ERROR}\n")
+    assert not (clean_env / "out.html").exists()
+
+
+def test_control_character_stops_send_before_anything_happens(
+    db_runner: CliRunner, clean_env: Path
+) -> None:
+    """`send` of a digest with an ESC exits 2 with the same one line and creates no issue."""
+    (clean_env / "esc.md").write_bytes(ESCAPE_DIGEST)
+    assert db_runner.invoke(main, ["subscribers", "add", "ada@example.com"]).exit_code == 0
+    result = db_runner.invoke(main, ["send", "esc.md", "--yes"])
+    assert (result.exit_code, result.stderr) == (2, f"error: {ESCAPE_ERROR}\n")
+    listed = db_runner.invoke(main, ["issues", "list", "--format", "json"])
+    assert listed.exit_code == 0 and listed.stdout.strip() == "[]"
