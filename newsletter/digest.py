@@ -25,6 +25,8 @@ MUST_FIX = "must-fix"  # renders, but must be fixed before sending: exit 1
 _NON_ASCII_RUN = re.compile(r"[^\x00-\x7f]+")
 _HEADING = re.compile(r"^#\s+(.+?)\s*#*\s*$")
 _FENCE = re.compile(r"^\s*(```|~~~)")
+_FENCE_MARK = re.compile(r"^\s*(`{3,}|~{3,})")
+_CODE_SPAN = re.compile(r"(?<!`)(`+)(?!`).*?(?<!`)\1(?!`)")
 # Control characters a subject or preheader must not carry: C0 but tab (whitespace, collapsed
 # like a space), DEL, C1 (NEL among them) and the Unicode line and paragraph separators. A CR
 # or LF in a subject is how a header is smuggled into a message.
@@ -71,12 +73,63 @@ class Digest:
     def title(self) -> str:
         return " ".join(str(self.meta.get("title") or self.subject).split())
 
-    def line_of(self, needle: str) -> int:
-        """File line number of the first body line containing ``needle`` (body start if none)."""
-        for offset, text in enumerate(split_lines(self.body)):
-            if needle in text:
-                return self.body_line + offset
-        return self.body_line
+    def lines(self) -> LineFinder:
+        """A fresh :class:`LineFinder` over this digest's body."""
+        return LineFinder(self.body, self.body_line)
+
+
+class LineFinder:
+    """The file line each element of the rendered HTML came from, found by what it carries.
+
+    Python-Markdown keeps no source positions, so an element is placed by searching the
+    body for a needle (its URL, its tag, its attribute). The HTML keeps the source's order,
+    so each needle's search goes on after its previous occurrence: the second of two
+    identical bad links is reported at its own line, not the first's. Fenced code and code
+    spans are not searched (nothing in them becomes an element, but they often *mention*
+    ``<script>``), and case is ignored, as HTML does for tags and schemes.
+    """
+
+    def __init__(self, body: str, first_line: int) -> None:
+        self._first = first_line
+        self._lines = _searchable(split_lines(body))
+        self._after: dict[str, tuple[int, int]] = {}
+
+    def line(self, *needles: str | None) -> int:
+        """File line of the next occurrence of the first needle that occurs at all; the
+        body's first line when none does."""
+        for needle in needles:
+            key = (needle or "").strip().lower()
+            if key and (found := self._next(key)) is not None:
+                return self._first + found
+        return self._first
+
+    def _next(self, key: str) -> int | None:
+        line, column = self._after.get(key, (0, 0))
+        for start_line, start_column in ((line, column), (0, 0)):  # then from the top again
+            for index in range(start_line, len(self._lines)):
+                at = self._lines[index].find(key, start_column if index == start_line else 0)
+                if at >= 0:
+                    self._after[key] = (index, at + len(key))
+                    return index
+        return None
+
+
+def _searchable(lines: list[str]) -> list[str]:
+    """Lower-cased lines with fenced code and code spans blanked (same columns, same count)."""
+    out: list[str] = []
+    fence: str | None = None
+    for line in lines:
+        marker = _FENCE_MARK.match(line)
+        if fence is not None:
+            if marker and marker[1].startswith(fence):
+                fence = None
+            out.append("")
+        elif marker:
+            fence = marker[1]
+            out.append("")
+        else:
+            out.append(_CODE_SPAN.sub(lambda m: " " * len(m[0]), line).lower())
+    return out
 
 
 def _repair_mac_roman(text: str) -> str:

@@ -26,8 +26,14 @@ from markupsafe import Markup
 from premailer import Premailer
 
 from newsletter.config import Settings
-from newsletter.digest import MUST_FIX, Digest, Finding
-from newsletter.embeds import Embed, expand_shortcodes, replace_embeds, strip_active_content
+from newsletter.digest import MUST_FIX, Digest, Finding, LineFinder
+from newsletter.embeds import (
+    Embed,
+    Removal,
+    expand_shortcodes,
+    replace_embeds,
+    strip_active_content,
+)
 from newsletter.markdown_source import normalise_list_indentation
 from newsletter.plaintext import html_to_text
 
@@ -155,19 +161,33 @@ def _drop_title_heading(root: lxml_html.HtmlElement, title: str) -> None:
         root.remove(first)
 
 
-def _check_links(root: lxml_html.HtmlElement, digest: Digest) -> list[Finding]:
+def _url_needles(url: str) -> tuple[str, ...]:
+    """How a URL may be written in the source: as is, HTML-escaped (raw ``<a href>``), or up
+    to a parenthesis (Python-Markdown ends ``[x](javascript:f(1))`` early)."""
+    return (url, html.escape(url, quote=False), url.split("(")[0])
+
+
+def _check_links(root: lxml_html.HtmlElement, lines: LineFinder) -> list[Finding]:
     findings = []
     for link in root.iter("a"):
         href = (link.get("href") or "").strip()
         scheme = urlsplit(href).scheme.lower()
         if href and not href.startswith("#") and scheme not in _SAFE_SCHEMES:
-            line = digest.line_of(href.split("(")[0]) if href else digest.body_line
+            line = lines.line(*_url_needles(href))
             findings.append(Finding(line, f"link {href!r} is not http(s) or mailto", MUST_FIX))
     return findings
 
 
+def _removal_line(removal: Removal, lines: LineFinder) -> int:
+    if removal.url is not None:
+        return lines.line(*_url_needles(removal.url), f"<{removal.tag}")
+    if removal.attribute is not None:
+        return lines.line(f"{removal.attribute}=", removal.attribute, f"<{removal.tag}")
+    return lines.line(f"<{removal.tag}")
+
+
 def _resolve_images(
-    root: lxml_html.HtmlElement, digest: Digest, asset_base: str | None
+    root: lxml_html.HtmlElement, digest: Digest, lines: LineFinder, asset_base: str | None
 ) -> tuple[list[InlineImage], list[Finding]]:
     """Make every image absolute, inline (cid:) or gone, so no relative URL reaches a reader."""
     images: dict[Path, InlineImage] = {}
@@ -193,7 +213,7 @@ def _resolve_images(
             continue
         findings.append(
             Finding(
-                digest.line_of(src) if src else digest.body_line,
+                lines.line(*_url_needles(src), "<img"),
                 f"image {src!r} cannot be resolved: no file next to the digest and "
                 "NEWSLETTER_ASSET_BASE_URL is not set",
                 MUST_FIX,
@@ -259,18 +279,18 @@ def render_issue(digest: Digest, settings: Settings) -> RenderedIssue:
     root = lxml_html.fragment_fromstring(markdown_to_html(digest.body), create_parent="div")
     _drop_title_heading(root, digest.title)
     findings = list(digest.findings)
-    findings += _check_links(root, digest)
+    lines = digest.lines()
+    findings += _check_links(root, lines)
     for removal in strip_active_content(root):
-        if " link " not in removal:  # bad links are reported by _check_links, with their line
-            tag = re.search(r"<(\w+)>", removal)
-            line = digest.line_of(f"<{tag.group(1)}") if tag else digest.body_line
-            findings.append(Finding(line, removal))
+        if removal.tag == "a" and removal.url is not None:
+            continue  # a bad link is reported by _check_links
+        findings.append(Finding(_removal_line(removal, lines), removal.message))
     embeds = replace_embeds(root)
     for embed in embeds:
         if not embed.known:
-            line = digest.line_of(urlsplit(embed.url).netloc)
+            line = lines.line(embed.url, urlsplit(embed.url).netloc)
             findings.append(Finding(line, f"embed from {embed.provider} turned into a link"))
-    images, image_findings = _resolve_images(root, digest, settings.asset_base_url)
+    images, image_findings = _resolve_images(root, digest, lines, settings.asset_base_url)
     findings += image_findings
     _mark_personal_fields(root)
     body_html = "".join(lxml_html.tostring(child, encoding="unicode") for child in root)
@@ -308,7 +328,7 @@ def render_issue(digest: Digest, settings: Settings) -> RenderedIssue:
         text=text,
         images=tuple(images),
         embeds=tuple(embeds),
-        findings=tuple(findings),
+        findings=tuple(sorted(findings, key=lambda finding: finding.line)),
     )
 
 

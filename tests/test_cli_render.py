@@ -179,3 +179,48 @@ def test_control_character_stops_send_before_anything_happens(
     assert (result.exit_code, result.stderr) == (2, f"error: {ESCAPE_ERROR}\n")
     listed = db_runner.invoke(main, ["issues", "list", "--format", "json"])
     assert listed.exit_code == 0 and listed.stdout.strip() == "[]"
+
+
+LINES_DIGEST = """---
+title: Lines
+---
+Mention `<script>` and\u2028 [a bad link](javascript:void(0)) here.
+
+```html
+<script>in a code block</script>
+```
+
+<script>alert(1)</script>
+
+Again [the same bad link](javascript:void(0)).
+
+<p>fine</p> <p onclick="x()">one</p>
+
+![chart](missing.png) and ![chart](missing.png)
+
+![chart](missing.png)
+"""
+
+
+def test_check_reports_every_finding_at_its_own_file_line(
+    runner: CliRunner, clean_env: Path
+) -> None:
+    """Line numbers are the file's for every finding: a repeated link or image is reported
+    at each of its lines, a tag mentioned in code is not mistaken for the real one, and a
+    U+2028 inside a line does not shift the lines after it."""
+    (clean_env / "lines.md").write_text(LINES_DIGEST, "utf-8")
+    result = runner.invoke(main, ["check", "lines.md"])
+    assert result.exit_code == 1
+    found = [
+        (int(line.split(":")[1]), line.split(": ", 2)[2]) for line in result.stdout.splitlines()
+    ]
+    image = "image 'missing.png' cannot be resolved"
+    assert [(line, message[:38]) for line, message in found] == [
+        (4, "link 'javascript:void(0)' is not http("),
+        (10, "removed <script>"),
+        (12, "link 'javascript:void(0)' is not http("),
+        (14, "removed onclick attribute from <p>"),
+        (16, image),
+        (16, image),
+        (18, image),
+    ]

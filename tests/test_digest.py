@@ -234,3 +234,13 @@ def test_tabs_crlf_and_lone_cr_are_line_ends_not_errors() -> None:
     digest = parse_digest("# T\r\n\r\na\tb\rc \u2029 d \u2028 e\rlast ‚Äî\n", "d.md")
     assert digest.body.splitlines()[3].startswith("c ")
     assert [finding.line for finding in digest.findings] == [5]
+
+
+def test_line_finder_gives_each_occurrence_its_own_line() -> None:
+    """Asking for the same needle again finds its next occurrence (two on one line count
+    twice), code is never searched, and past the last one it starts from the top."""
+    digest = parse_digest("---\ntitle: T\n---\nA <B> and <b>\n```\n<b>\n```\n`<b>` then <B>\n")
+    finder = digest.lines()
+    assert [finder.line("<b>") for _ in range(4)] == [4, 4, 8, 4]
+    assert finder.line("absent", "then") == 8
+    assert finder.line("absent") == digest.body_line == 4
