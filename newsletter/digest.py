@@ -18,6 +18,10 @@ import yaml
 
 from newsletter.errors import DigestError
 
+# Gmail clips an email at 102 KB, so a digest over this is no newsletter, and Python-Markdown
+# has quadratic corners (newsletter.markdown_bounds): the limit keeps any render to seconds.
+MAX_DIGEST_BYTES = 256 * 1024
+
 # Severities of a finding, as `newsletter check` maps them to exit codes.
 FIXED = "fixed"  # repaired automatically: exit 0, reported as a warning
 MUST_FIX = "must-fix"  # renders, but must be fixed before sending: exit 1
@@ -289,9 +293,20 @@ def _first_heading(lines: list[str]) -> tuple[str, int] | None:
     return None
 
 
+def _too_big(path: Path, size: int) -> DigestError:
+    limit = MAX_DIGEST_BYTES // 1024
+    amount = f"{size // 1024} KB" if size // 1024 > limit else f"over {limit} KB"
+    return DigestError(
+        f"{path}: {amount}; a digest may have {limit} KB at most "
+        "(Gmail clips an email at 102 KB): split it"
+    )
+
+
 def parse_digest(text: str, path: Path | str = "<digest>") -> Digest:
     """Parse digest text (already decoded) into a :class:`Digest`, repairing mojibake."""
     path = Path(path)
+    if (size := len(text.encode("utf-8", "surrogatepass"))) > MAX_DIGEST_BYTES:
+        raise _too_big(path, size)
     findings: list[Finding] = []
     lines = split_lines(text)
     for number, line in enumerate(lines, start=1):
@@ -351,11 +366,18 @@ def load_digest(path: Path | str) -> Digest:
     """Read a digest file from disk; every problem is a ``DigestError`` naming the file."""
     path = Path(path)
     try:
-        raw = path.read_bytes()
+        with path.open("rb") as handle:  # a bounded read: /dev/zero or a FIFO ends too
+            raw = handle.read(MAX_DIGEST_BYTES + 1)
     except FileNotFoundError:
         raise DigestError(f"{path}: no such file") from None
     except IsADirectoryError:
         raise DigestError(f"{path}: is a directory, not a digest file") from None
     except OSError as exc:
         raise DigestError(f"{path}: cannot read: {exc.strerror}") from None
+    if len(raw) > MAX_DIGEST_BYTES:
+        try:
+            size = max(path.stat().st_size, len(raw))
+        except OSError:
+            size = len(raw)
+        raise _too_big(path, size)
     return parse_digest(_decode(raw, path), path)

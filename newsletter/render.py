@@ -34,6 +34,8 @@ from newsletter.embeds import (
     replace_embeds,
     strip_active_content,
 )
+from newsletter.errors import DigestError
+from newsletter.markdown_bounds import BoundedLinks, escape_unclosed
 from newsletter.markdown_source import normalise_list_indentation
 from newsletter.plaintext import html_to_text
 
@@ -130,7 +132,7 @@ def template_environment(override: Path | None = None) -> Environment:
 @cache
 def _markdown() -> markdown.Markdown:
     return markdown.Markdown(
-        extensions=["extra", "sane_lists"],
+        extensions=["extra", "sane_lists", BoundedLinks()],
         output_format="html",
     )
 
@@ -139,7 +141,11 @@ def markdown_to_html(source: str) -> str:
     """Markdown as bloggers write it (2- or 4-space nesting, shortcodes) to an HTML fragment."""
     md = _markdown()
     md.reset()
-    return md.convert(normalise_list_indentation(expand_shortcodes(source)))
+    try:
+        return md.convert(escape_unclosed(normalise_list_indentation(expand_shortcodes(source))))
+    except BaseException:
+        _markdown.cache_clear()  # reset() does not undo a half-done parse (its state stack)
+        raise
 
 
 def _mark_personal_fields(root: lxml_html.HtmlElement) -> None:
@@ -276,7 +282,13 @@ def _inline_css(document: str) -> str:
 
 def render_issue(digest: Digest, settings: Settings) -> RenderedIssue:
     """Render a digest once: HTML and text with personal placeholders, images, findings."""
-    root = lxml_html.fragment_fromstring(markdown_to_html(digest.body), create_parent="div")
+    try:
+        body = markdown_to_html(digest.body)
+    except RecursionError:  # Python-Markdown recurses once per level of nesting
+        raise DigestError(
+            f"{digest.path}: lists or quotes nest too deeply to render; flatten them"
+        ) from None
+    root = lxml_html.fragment_fromstring(body, create_parent="div")
     _drop_title_heading(root, digest.title)
     findings = list(digest.findings)
     lines = digest.lines()

@@ -224,3 +224,21 @@ def test_check_reports_every_finding_at_its_own_file_line(
         (16, image),
         (18, image),
     ]
+
+
+def test_check_refuses_an_oversized_or_too_deeply_nested_digest(
+    runner: CliRunner, clean_env: Path
+) -> None:
+    """A digest over the size limit, or nesting lists deeper than Python-Markdown can
+    recurse, is one `check` line naming the file, exit 2, never a traceback."""
+    from newsletter.digest import MAX_DIGEST_BYTES
+
+    (clean_env / "big.md").write_text("# Big\n\n" + "x" * (MAX_DIGEST_BYTES + 10240), "utf-8")
+    (clean_env / "deep.md").write_text("# Deep\n\n" + "1. " * 3000 + "\n", "utf-8")
+    result = runner.invoke(main, ["check", "big.md", "deep.md"])
+    assert result.exit_code == 2
+    assert result.stdout.splitlines() == [
+        f"big.md: {MAX_DIGEST_BYTES // 1024 + 10} KB; a digest may have {MAX_DIGEST_BYTES // 1024} "
+        "KB at most (Gmail clips an email at 102 KB): split it",
+        "deep.md: lists or quotes nest too deeply to render; flatten them",
+    ]

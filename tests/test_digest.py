@@ -244,3 +244,23 @@ def test_line_finder_gives_each_occurrence_its_own_line() -> None:
     assert [finder.line("<b>") for _ in range(4)] == [4, 4, 8, 4]
     assert finder.line("absent", "then") == 8
     assert finder.line("absent") == digest.body_line == 4
+
+
+def test_digest_over_the_size_limit_is_refused_naming_the_file(tmp_path: Path) -> None:
+    """A digest over MAX_DIGEST_BYTES is a one-line DigestError with the file and its size,
+    read no further than the limit (a device or FIFO that never ends is refused too)."""
+    from newsletter.digest import MAX_DIGEST_BYTES
+
+    path = tmp_path / "huge.md"
+    path.write_text("# Huge\n\n" + "word " * (MAX_DIGEST_BYTES // 5 + 4096), "utf-8")
+    limit = MAX_DIGEST_BYTES // 1024
+    with pytest.raises(
+        DigestError, match=rf"^{re.escape(str(path))}: \d+ KB; .* {limit} KB at most"
+    ):
+        load_digest(path)
+    with pytest.raises(DigestError, match=rf"^d\.md: \d+ KB; .* {limit} KB at most"):
+        parse_digest(path.read_text("utf-8"), "d.md")
+    with pytest.raises(DigestError, match=rf"^/dev/zero: over {limit} KB; "):
+        load_digest("/dev/zero")
+    fits = "# Fits\n\n" + "é" * ((MAX_DIGEST_BYTES - 10) // 2)
+    assert parse_digest(fits).subject == "Fits"
