@@ -30,6 +30,7 @@ _NON_ASCII_RUN = re.compile(r"[^\x00-\x7f]+")
 _HEADING = re.compile(r"^#\s+(.+?)\s*#*\s*$")
 _FENCE = re.compile(r"^\s*(```|~~~)")
 _FENCE_MARK = re.compile(r"^\s*(`{3,}|~{3,})")
+_URL_STARTS = frozenset("(<\"'= \t")
 _CODE_SPAN = re.compile(r"(?<!`)(`+)(?!`).*?(?<!`)\1(?!`)")
 # Control characters a subject or preheader must not carry: C0 but tab (whitespace, collapsed
 # like a space), DEL, C1 (NEL among them) and the Unicode line and paragraph separators. A CR
@@ -98,20 +99,24 @@ class LineFinder:
         self._lines = _searchable(split_lines(body))
         self._after: dict[str, tuple[int, int]] = {}
 
-    def line(self, *needles: str | None) -> int:
+    def line(self, *needles: str | None, url: bool = False) -> int:
         """File line of the next occurrence of the first needle that occurs at all; the
-        body's first line when none does."""
+        body's first line when none does. A ``url`` needle must start a URL (after ``(``,
+        a quote, ``<``, ``=`` or a space), so ``.env`` is not found inside ``../.env``."""
         for needle in needles:
             key = (needle or "").strip().lower()
-            if key and (found := self._next(key)) is not None:
+            if key and (found := self._next(key, url)) is not None:
                 return self._first + found
         return self._first
 
-    def _next(self, key: str) -> int | None:
+    def _next(self, key: str, url: bool) -> int | None:
         line, column = self._after.get(key, (0, 0))
         for start_line, start_column in ((line, column), (0, 0)):  # then from the top again
             for index in range(start_line, len(self._lines)):
-                at = self._lines[index].find(key, start_column if index == start_line else 0)
+                text = self._lines[index]
+                at = text.find(key, start_column if index == start_line else 0)
+                while url and at > 0 and text[at - 1] not in _URL_STARTS:
+                    at = text.find(key, at + 1)
                 if at >= 0:
                     self._after[key] = (index, at + len(key))
                     return index

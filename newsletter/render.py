@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import html
 import logging
-import mimetypes
 import re
 from dataclasses import dataclass, field
 from functools import cache
@@ -35,6 +34,7 @@ from newsletter.embeds import (
     strip_active_content,
 )
 from newsletter.errors import DigestError
+from newsletter.local_images import LocalImage, load_local_image
 from newsletter.markdown_bounds import BoundedLinks, escape_unclosed
 from newsletter.markdown_source import normalise_list_indentation
 from newsletter.plaintext import html_to_text
@@ -179,14 +179,14 @@ def _check_links(root: lxml_html.HtmlElement, lines: LineFinder) -> list[Finding
         href = (link.get("href") or "").strip()
         scheme = urlsplit(href).scheme.lower()
         if href and not href.startswith("#") and scheme not in _SAFE_SCHEMES:
-            line = lines.line(*_url_needles(href))
+            line = lines.line(*_url_needles(href), url=True)
             findings.append(Finding(line, f"link {href!r} is not http(s) or mailto", MUST_FIX))
     return findings
 
 
 def _removal_line(removal: Removal, lines: LineFinder) -> int:
-    if removal.url is not None:
-        return lines.line(*_url_needles(removal.url), f"<{removal.tag}")
+    if removal.url:
+        return lines.line(*_url_needles(removal.url), url=True)
     if removal.attribute is not None:
         return lines.line(f"{removal.attribute}=", removal.attribute, f"<{removal.tag}")
     return lines.line(f"<{removal.tag}")
@@ -208,23 +208,18 @@ def _resolve_images(
         if asset_base:
             img.set("src", urljoin(asset_base + "/", src.lstrip("/")))
             continue
-        local = (digest.path.parent / src).resolve() if src else None
-        if local is not None and local.is_file():
-            if local not in images:
-                data = local.read_bytes()
-                cid = f"img{len(images) + 1}.{hashlib.sha1(data).hexdigest()[:12]}@newsletter"
-                kind = mimetypes.guess_type(local.name)[0] or "application/octet-stream"
-                images[local] = InlineImage(cid, local.name, kind, data)
-            img.set("src", f"cid:{images[local].cid}")
+        found = load_local_image(digest.path.parent, src)
+        if isinstance(found, LocalImage):
+            if found.path not in images:
+                digest_of = hashlib.sha1(found.data).hexdigest()[:12]
+                cid = f"img{len(images) + 1}.{digest_of}@newsletter"
+                images[found.path] = InlineImage(
+                    cid, found.path.name, found.content_type, found.data
+                )
+            img.set("src", f"cid:{images[found.path].cid}")
             continue
-        findings.append(
-            Finding(
-                lines.line(*_url_needles(src), "<img"),
-                f"image {src!r} cannot be resolved: no file next to the digest and "
-                "NEWSLETTER_ASSET_BASE_URL is not set",
-                MUST_FIX,
-            )
-        )
+        line = lines.line(*_url_needles(src), url=True)
+        findings.append(Finding(line, f"image {src!r} {found.reason}", MUST_FIX))
         _replace_with_text(img, img.get("alt") or "")
     return list(images.values()), findings
 
