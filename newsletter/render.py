@@ -13,6 +13,7 @@ import html
 import logging
 import re
 from dataclasses import dataclass, field
+from datetime import date, datetime
 from functools import cache
 from pathlib import Path
 from typing import ClassVar
@@ -116,17 +117,43 @@ def default_templates_dir() -> Path:
     return packaged if packaged.is_dir() else Path(__file__).parent.parent / "templates"
 
 
+_MONTHS = (
+    *("January", "February", "March", "April", "May", "June", "July"),
+    *("August", "September", "October", "November", "December"),
+)
+# The calendar date at the start of what front matter holds: 2024-10-11, 2024-10-11T08:30:00+02:00,
+# 2019-03-14 09:00:00 +0100 (Jekyll). The date as its author wrote it, in their own zone.
+_DATE_PREFIX = re.compile(r"\s*(\d{4})-(\d{1,2})-(\d{1,2})(?![\d])")
+
+
+def long_date(value: object) -> str:
+    """A front matter date as a reader reads it (``11 October 2024``); what cannot be read
+    as a date is shown as written. The ``long_date`` filter of every template."""
+    if isinstance(value, datetime | date):
+        day = value if not isinstance(value, datetime) else value.date()
+    elif match := _DATE_PREFIX.match(str(value or "")):
+        try:
+            day = date(*(int(part) for part in match.groups()))
+        except ValueError:
+            return str(value)
+    else:
+        return "" if value is None else str(value)
+    return f"{day.day} {_MONTHS[day.month - 1]} {day.year}"
+
+
 @cache
 def template_environment(override: Path | None = None) -> Environment:
     """Jinja2 environment: an override directory first, the shipped defaults behind it."""
     loaders = [FileSystemLoader(str(override))] if override else []
     loaders.append(FileSystemLoader(str(default_templates_dir())))
-    return Environment(
+    environment = Environment(
         loader=ChoiceLoader(loaders),
         autoescape=select_autoescape(["html", "htm", "xml"]),
         undefined=StrictUndefined,
         keep_trailing_newline=True,
     )
+    environment.filters["long_date"] = long_date
+    return environment
 
 
 @cache

@@ -236,3 +236,41 @@ def test_render_does_not_touch_the_network(tmp_path: Path, fixtures_dir: Path) -
         tmp_path / "d.md", NEWSLETTER_ASSET_BASE_URL="https://invalid.invalid"
     )
     assert "https://invalid.invalid/chart.png" in html
+
+
+@pytest.mark.parametrize(
+    ("front_matter", "shown"),
+    [
+        ('---\ndate: "2024-10-11T08:30:00+02:00"\n---', "11 October 2024"),
+        ("---\ndate: 2019-03-14 09:00:00 +0100\n---", "14 March 2019"),
+        ("---\ndate: 2020-09-22\n---", "22 September 2020"),
+        ("+++\ndate = 2024-10-11T23:30:00-05:00\n+++", "11 October 2024"),
+        ('---\ndate: "sometime in spring"\n---', "sometime in spring"),
+    ],
+    ids=["iso-with-offset", "jekyll", "date", "toml-datetime", "free-text"],
+)
+def test_byline_shows_the_date_as_a_reader_reads_it(
+    tmp_path: Path, front_matter: str, shown: str
+) -> None:
+    """The byline of both parts reads `Ada · 11 October 2024`, the day the author wrote in
+    their own zone; a date that cannot be read is shown as written."""
+    author = 'author = "Ada"' if front_matter.startswith("+++") else "author: Ada"
+    head, tail = front_matter.split("\n", 1)
+    path = tmp_path / "d.md"
+    path.write_text(f"{head}\n{author}\n{tail}\n# Title\n\ntext\n", "utf-8")
+    _issue, html, text = _render(path)
+    assert f"Ada · {shown}</p>" in html
+    assert f"\nAda · {shown}\n" in text
+    assert "08:30" not in html + text and "+0100" not in html + text
+
+
+def test_custom_templates_get_the_raw_date_and_the_filter(tmp_path: Path) -> None:
+    """A custom template still gets the front matter's date as typed, and `long_date`."""
+    override = tmp_path / "tpl"
+    override.mkdir()
+    (override / "email.html").write_text(
+        "<html><body><p>{{ date }}|{{ date | long_date }}</p>{{ body }}</body></html>", "utf-8"
+    )
+    digest = parse_digest('---\ntitle: T\ndate: "2024-10-11T08:30:00+02:00"\n---\nx\n', "d.md")
+    settings = load_settings({"NEWSLETTER_TEMPLATES_DIR": str(override)}, Path("/nonexistent"))
+    assert "2024-10-11T08:30:00+02:00|11 October 2024" in render_issue(digest, settings).html
