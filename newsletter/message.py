@@ -24,12 +24,13 @@ from email.utils import formataddr, formatdate, parseaddr
 from html import escape
 from urllib.parse import urlsplit
 
-from newsletter.render import InlineImage, RenderedIssue, placeholder
+from newsletter.render import InlineImage, RenderedIssue, keep_sections, placeholder
 
 _PLACEHOLDER = re.compile(rb"@@NL_([A-Z_]+)@@")
 _QP_SAFE = re.compile(r"[!-<>-~]*")  # printable ASCII except '=' and space
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _TEXT_FIELDS = re.compile(r"@@NL_(NAME|EMAIL|UNSUBSCRIBE_URL)@@")
+_SET_FIELDS = frozenset({"email", "unsubscribe_url"})  # every recipient has these
 CRLF = "\r\n"
 
 
@@ -211,7 +212,16 @@ class MessageTemplate:
             "MIME-Version: 1.0",
         ]
         text = _TEXT_FIELDS.sub(r"@@NL_TEXT_\1@@", issue.text)
-        self._wire = WireTemplate(headers, text, issue.html, issue.images)
+        # if_set("name") sections (the greeting): one encoding with them, one without.
+        self._wires = {
+            named: WireTemplate(
+                headers,
+                keep_sections(text, _SET_FIELDS | ({"name"} if named else set())),
+                keep_sections(issue.html, _SET_FIELDS | ({"name"} if named else set())),
+                issue.images,
+            )
+            for named in (True, False)
+        }
         self._clock = HeaderClock()
 
     def build(self, recipient: Recipient) -> bytes:
@@ -230,4 +240,4 @@ class MessageTemplate:
             "text_name": qp_value(name),
             "text_email": qp_value(recipient.email),
         }
-        return self._wire.fill(values)
+        return self._wires[bool(name)].fill(values)

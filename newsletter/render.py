@@ -12,6 +12,7 @@ import hashlib
 import html
 import logging
 import re
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from datetime import date, datetime
 from functools import cache
@@ -50,6 +51,7 @@ SAMPLE_RECIPIENT = {
 }
 
 _PLACEHOLDER = re.compile(r"@@NL_([A-Z_]+)@@")
+_SECTION = re.compile(r"@@NL_IF_([A-Z_]+)@@(.*?)@@NL_END_\1@@", re.DOTALL)
 _DIGEST_FIELD = re.compile(r"\{\{\s*(name|email|unsubscribe_url)\s*\}\}")
 _SAFE_SCHEMES = {"http", "https", "mailto", "cid"}
 
@@ -59,9 +61,46 @@ def placeholder(name: str) -> str:
     return f"@@NL_{name.upper()}@@"
 
 
-class Personalizer:
-    """A text pre-split at its placeholders: filling it is one ``str.join``."""
+def if_set(field: str, caller: Callable[[], str]) -> str:
+    """The ``if_set`` call block of the templates: what it wraps is kept for a recipient
+    whose ``field`` is set and dropped for one whose field is empty, so a template can say
+    ``{% call if_set("name") %}Hi {{ name }},{% endcall %}`` and nobody reads "Hi ,"."""
+    inner = caller()
+    opening, closing = f"@@NL_IF_{field.upper()}@@", f"@@NL_END_{field.upper()}@@"
+    if isinstance(inner, Markup):
+        return Markup(opening) + inner + Markup(closing)
+    return opening + inner + closing
 
+
+def keep_sections(text: str, present: Collection[str]) -> str:
+    """``text`` with each ``if_set`` section of a field in ``present`` kept (its markers
+    removed) and every other section dropped."""
+    return _SECTION.sub(lambda m: m[2] if m[1].lower() in present else "", text)
+
+
+class Personalizer:
+    """A text pre-split at its placeholders: filling it is one ``str.join``.
+
+    ``if_set`` sections are resolved first, once for each combination of fields set or
+    empty that the recipients show."""
+
+    __slots__ = ("_sections", "_text", "_variants")
+
+    def __init__(self, text: str) -> None:
+        self._text = text
+        self._sections = tuple(sorted({m[1].lower() for m in _SECTION.finditer(text)}))
+        self._variants: dict[frozenset[str], _Fields] = {}
+
+    def fill(self, values: dict[str, str], escape: bool = False) -> str:
+        """The text with each placeholder replaced by its value (HTML-escaped when asked)."""
+        present = frozenset(f for f in self._sections if (values.get(f) or "").strip())
+        variant = self._variants.get(present)
+        if variant is None:
+            variant = self._variants[present] = _Fields(keep_sections(self._text, present))
+        return variant.fill(values, escape)
+
+
+class _Fields:
     __slots__ = ("_fields", "_parts")
 
     def __init__(self, text: str) -> None:
@@ -69,8 +108,7 @@ class Personalizer:
         self._parts = pieces
         self._fields = [piece.lower() for piece in pieces[1::2]]
 
-    def fill(self, values: dict[str, str], escape: bool = False) -> str:
-        """The text with each placeholder replaced by its value (HTML-escaped when asked)."""
+    def fill(self, values: dict[str, str], escape: bool) -> str:
         parts = self._parts.copy()
         for index, name in enumerate(self._fields):
             value = values.get(name, "")
@@ -153,6 +191,7 @@ def template_environment(override: Path | None = None) -> Environment:
         keep_trailing_newline=True,
     )
     environment.filters["long_date"] = long_date
+    environment.globals["if_set"] = if_set
     return environment
 
 

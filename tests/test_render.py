@@ -274,3 +274,31 @@ def test_custom_templates_get_the_raw_date_and_the_filter(tmp_path: Path) -> Non
     digest = parse_digest('---\ntitle: T\ndate: "2024-10-11T08:30:00+02:00"\n---\nx\n', "d.md")
     settings = load_settings({"NEWSLETTER_TEMPLATES_DIR": str(override)}, Path("/nonexistent"))
     assert "2024-10-11T08:30:00+02:00|11 October 2024" in render_issue(digest, settings).html
+
+
+SAMPLE_DIGEST = Path(__file__).resolve().parents[1] / "digests" / "2026-11-20-weekly-links.md"
+
+
+@pytest.mark.parametrize("name", ["", "   "])
+def test_no_greeting_without_a_name(name: str) -> None:
+    """A subscriber without a name gets no "Hi ," in either part; one with a name is
+    greeted by it, escaped in the HTML."""
+    issue = render_issue(load_digest(SAMPLE_DIGEST), load_settings({}, Path("/nonexistent")))
+    values = {"email": "linus@example.com", "unsubscribe_url": "https://x/u/T"}
+    html, text = issue.personalize(values | {"name": name})
+    assert "Hi " not in html and "Hi " not in text and "@@NL_" not in html + text
+    html, text = issue.personalize(values | {"name": "Ada & Co"})
+    assert ">Hi Ada &amp; Co,</p>" in html and "\nHi Ada & Co,\n" in text
+
+
+def test_if_set_sections_in_custom_templates(tmp_path: Path) -> None:
+    """A custom template's `if_set` block shows for recipients whose field is set only."""
+    override = tmp_path / "tpl"
+    override.mkdir()
+    (override / "email.txt").write_text(
+        '{% call if_set("name") %}Dear {{ name }}!{% endcall %}|{{ body }}', "utf-8"
+    )
+    settings = load_settings({"NEWSLETTER_TEMPLATES_DIR": str(override)}, Path("/nonexistent"))
+    issue = render_issue(parse_digest("# T\n\nx\n", "d.md"), settings)
+    assert issue.personalize({"name": "Bo"})[1].startswith("Dear Bo!|")
+    assert issue.personalize({"name": ""})[1].startswith("|")
