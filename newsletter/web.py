@@ -3,7 +3,8 @@
     GET  /                   the form (plain HTML, works without JavaScript)
     POST /subscribe          double opt-in; the same 303 answer for every address
     GET  /thanks             "check your inbox"
-    GET  /confirm/TOKEN      activates the pending subscriber (HEAD only looks)
+    GET  /confirm/TOKEN      a page with one "Confirm" button; a GET never changes anything
+    POST /confirm/TOKEN      activates the pending subscriber and shows the welcome page
     GET  /unsubscribe/TOKEN  a page with one button; a GET never changes anything
     POST /unsubscribe/TOKEN  unsubscribes at once and answers 200 (RFC 8058 one-click)
     GET  /healthz            200 when the database answers, else 503
@@ -225,14 +226,16 @@ def _method_answer(*methods: str) -> Response | None:
 @_token_route("/confirm")
 def confirm(token: str) -> Response:
     address = _ctx().tokens.read_confirm(token.rstrip("/"))  # a bad token is a 400 first
-    if (answer := _method_answer("GET", "HEAD")) is not None:
+    if (answer := _method_answer("GET", "HEAD", "POST")) is not None:
         return answer
-    if flask_request.method == "HEAD":  # link checkers probe with HEAD: look, do not touch
-        subscriber = signup.lookup(_ctx().store, address)
-    else:
+    if flask_request.method == "POST":  # the page's button
         subscriber = signup.confirm(_ctx().store, address)
+    else:  # mail scanners and link checkers fetch every link: a GET only shows the button
+        subscriber = signup.lookup(_ctx().store, address)
     if subscriber is None:
         raise InvalidToken("this address is no longer on the list")
+    if subscriber.status == "pending":
+        return _page("web/confirm.html", subscriber=subscriber)
     return _page("web/confirmed.html", subscriber=subscriber)
 
 

@@ -360,22 +360,35 @@ def test_origin_settings_are_validated(clean_env) -> None:
 
 
 def test_confirmation_link_activates(client: FlaskClient, store: Store) -> None:
-    """The link in the queued confirmation activates the subscriber."""
+    """The link in the queued confirmation shows a page whose one button POSTs back to
+    it; that POST activates the subscriber and shows the welcome page."""
     _post(client, email="ada@example.com", name="Ada")
     [mail] = _mails(store)
-    response = client.get(_link(mail))
-    assert response.status_code == 200
+    page = client.get(_link(mail))
+    assert page.status_code == 200
+    assert '<form method="post">' in _page_text(page) and _page_text(page).count("<button") == 1
+    assert "ada@example.com" in _page_text(page)
+    assert _status(store, "ada@example.com") == "pending"
+    response = client.post(_link(mail))
+    assert response.status_code == 200 and "Location" not in response.headers
     assert "You’re subscribed, Ada!" in _page_text(response)
     assert _status(store, "ada@example.com") == "active"
-    assert client.get(_link(mail)).status_code == 200  # a second click is harmless
+    assert client.post(_link(mail)).status_code == 200  # a second press is harmless
+    again = client.get(_link(mail))  # and the link now says so, still changing nothing
+    assert "You’re subscribed, Ada!" in _page_text(again) and "<form" not in _page_text(again)
     assert _status(store, "ada@example.com") == "active"
 
 
-@sqlite_only
-def test_head_on_a_confirmation_link_changes_nothing(client: FlaskClient, store: Store) -> None:
-    """Link checkers probe with HEAD; only a real visit confirms."""
+@pytest.mark.parametrize("method", ["GET", "HEAD"])
+def test_get_or_head_on_a_confirmation_link_changes_nothing(
+    client: FlaskClient, store: Store, method: str
+) -> None:
+    """Mail scanners fetch every link (GET) and link checkers probe (HEAD): however often,
+    the subscriber stays pending."""
     _post(client, email="ada@example.com")
-    assert client.head(_link(_mails(store)[0])).status_code == 200
+    link = _link(_mails(store)[0])
+    for _ in range(3):
+        assert client.open(link, method=method).status_code == 200
     assert _status(store, "ada@example.com") == "pending"
 
 
@@ -386,8 +399,8 @@ def test_old_confirmation_link_never_resubscribes(client: FlaskClient, store: St
     _add(store, "ada@example.com", "active")
     with store.begin() as session:
         subscribers.remove(session, "ada@example.com")
-    response = client.get(link)
-    assert response.status_code == 200 and "not subscribed" in _page_text(response)
+    for response in (client.get(link), client.post(link)):
+        assert response.status_code == 200 and "not subscribed" in _page_text(response)
     assert _status(store, "ada@example.com") == "unsubscribed"
 
 
@@ -411,12 +424,16 @@ BAD_TOKENS = {
 
 
 @sqlite_only
+@pytest.mark.parametrize("method", ["GET", "POST"])
 @pytest.mark.parametrize("kind", [*BAD_TOKENS, "expired"])
-def test_bad_confirm_token_is_a_friendly_400(client: FlaskClient, store: Store, kind: str) -> None:
-    """A forged, expired, malformed or unsubscribe token on /confirm is a 400 page."""
+def test_bad_confirm_token_is_a_friendly_400(
+    client: FlaskClient, store: Store, kind: str, method: str
+) -> None:
+    """A forged, expired, malformed or unsubscribe token on /confirm, shown or pressed,
+    is a 400 page and confirms nobody."""
     _add(store, "ada@example.com", "pending")
     token = _expired_confirm_token("ada@example.com") if kind == "expired" else BAD_TOKENS[kind]
-    response = client.get(f"/confirm/{token}")
+    response = client.open(f"/confirm/{token}", method=method)
     page = _page_text(response)
     assert response.status_code == 400 and response.mimetype == "text/html"
     assert "Traceback" not in page and "<h1>" in page
@@ -488,12 +505,15 @@ def test_bad_token_is_a_friendly_400_whatever_the_method(
 
 
 def test_trailing_slash_on_good_links_works(client: FlaskClient, store: Store) -> None:
-    """A mail client or a person adding a slash to a good link changes nothing: confirm
-    activates, the unsubscribe page shows its button and its POST unsubscribes."""
+    """A mail client or a person adding a slash to a good link changes nothing: the
+    confirm page shows its button and its POST activates, the unsubscribe page shows its
+    button and its POST unsubscribes."""
     _add(store, "ada@example.com", "pending")
-    assert client.head(f"/confirm/{TOKENS.confirm_token('ada@example.com')}/").status_code == 200
+    confirm_url = f"/confirm/{TOKENS.confirm_token('ada@example.com')}/"
+    assert client.head(confirm_url).status_code == 200
+    assert '<form method="post">' in _page_text(client.get(confirm_url))
     assert _status(store, "ada@example.com") == "pending"
-    confirmed = client.get(f"/confirm/{TOKENS.confirm_token('ada@example.com')}/")
+    confirmed = client.post(confirm_url)
     assert confirmed.status_code == 200 and "subscribed" in _page_text(confirmed)
     assert _status(store, "ada@example.com") == "active"
     url = f"/unsubscribe/{TOKENS.unsubscribe_token('ada@example.com')}/"
@@ -510,10 +530,9 @@ def test_trailing_slash_on_good_links_works(client: FlaskClient, store: Store) -
 @pytest.mark.parametrize(
     ("route", "method", "allow"),
     [
-        ("confirm", "POST", "GET, HEAD, OPTIONS"),
-        ("confirm", "PUT", "GET, HEAD, OPTIONS"),
-        ("confirm", "PATCH", "GET, HEAD, OPTIONS"),
-        ("confirm", "DELETE", "GET, HEAD, OPTIONS"),
+        ("confirm", "PUT", "GET, HEAD, POST, OPTIONS"),
+        ("confirm", "PATCH", "GET, HEAD, POST, OPTIONS"),
+        ("confirm", "DELETE", "GET, HEAD, POST, OPTIONS"),
         ("unsubscribe", "PUT", "GET, HEAD, POST, OPTIONS"),
         ("unsubscribe", "PATCH", "GET, HEAD, POST, OPTIONS"),
         ("unsubscribe", "DELETE", "GET, HEAD, POST, OPTIONS"),
@@ -543,7 +562,7 @@ def test_options_on_a_good_link_names_the_methods(client: FlaskClient, store: St
     """OPTIONS on a genuine link answers 204 with Allow and changes nothing."""
     _add(store, "ada@example.com", "pending")
     confirm = client.options(f"/confirm/{TOKENS.confirm_token('ada@example.com')}")
-    assert (confirm.status_code, confirm.headers["Allow"]) == (204, "GET, HEAD, OPTIONS")
+    assert (confirm.status_code, confirm.headers["Allow"]) == (204, "GET, HEAD, POST, OPTIONS")
     unsubscribe = client.options(f"/unsubscribe/{TOKENS.unsubscribe_token('ada@example.com')}")
     assert unsubscribe.status_code == 204
     assert unsubscribe.headers["Allow"] == "GET, HEAD, POST, OPTIONS"
@@ -553,8 +572,11 @@ def test_options_on_a_good_link_names_the_methods(client: FlaskClient, store: St
 @sqlite_only
 def test_confirm_link_of_a_purged_address_is_a_400(client: FlaskClient, store: Store) -> None:
     """A genuine link whose address was erased meanwhile is a friendly 400, not a crash."""
-    response = client.get(f"/confirm/{TOKENS.confirm_token('gone@example.com')}")
-    assert response.status_code == 400 and "no longer on the list" in _page_text(response)
+    for method in ("GET", "POST"):
+        response = client.open(
+            f"/confirm/{TOKENS.confirm_token('gone@example.com')}", method=method
+        )
+        assert response.status_code == 400 and "no longer on the list" in _page_text(response)
 
 
 # Markup in names -----------------------------------------------------------------------
@@ -576,7 +598,7 @@ def test_name_with_markup_is_escaped_everywhere(client: FlaskClient, store: Stor
     )
     for piece in ("<script", "alert(", "&lt;script", "Ada &", "Ada &amp;", '"Co"'):
         assert piece not in everything
-    confirmed = _page_text(client.get(_link(mail)))
+    confirmed = _page_text(client.post(_link(mail)))
     assert "<script>" not in confirmed and "<b>" not in confirmed
     assert "&lt;b&gt;Ada &amp; &#34;Co&#34;&lt;/b&gt;" in confirmed
 
