@@ -23,9 +23,10 @@ arrives; only a good token with a method its page has no use for gets a 405.
 
 from __future__ import annotations
 
+import io
 from collections.abc import Callable
 from dataclasses import dataclass
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, urlsplit
 
 from flask import Blueprint, Flask, Response, abort, current_app, g, redirect, render_template
 from flask import request as flask_request
@@ -40,6 +41,8 @@ from newsletter.tokens import CONFIRM_MAX_AGE, InvalidToken, Tokens
 
 MAX_BODY_BYTES = 16 * 1024  # a signup is well under 1 KB; anything bigger is not a person
 TOKEN_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
+FORM_TYPES = ("application/x-www-form-urlencoded", "multipart/form-data")
+UTF8_NAMES = ("utf-8", "utf8", "us-ascii", "ascii")
 
 ERRORS = {
     400: ("This link does not work", "The request could not be understood."),
@@ -98,7 +101,7 @@ def create_app(
     app.register_blueprint(bp)
     app.register_error_handler(HTTPException, _http_error)
     app.register_error_handler(InvalidToken, _bad_token)
-    app.before_request(_refuse_big_bodies)
+    app.before_request(_check_body)
     app.after_request(_security_headers)
     app.context_processor(lambda: {"list_name": _ctx().settings.list_name})
     if settings.trusted_proxies:
@@ -298,9 +301,51 @@ def _bad_token(exc: InvalidToken) -> Response:
     return _error_page(400, message=message)
 
 
-def _refuse_big_bodies() -> None:
+def _check_body() -> Response | None:
+    """Refuse a body over MAX_BODY_BYTES, and a form that is not UTF-8, before a route
+    reads it: Werkzeug decodes every form as UTF-8, replacing what is not, and ignores a
+    declared charset, so such a form would lose its name or address without a word."""
+    environ = flask_request.environ
+    if not environ.get("CONTENT_LENGTH") and environ.get("wsgi.input_terminated"):
+        _take_chunked_body(environ)  # no Content-Length: Werkzeug would read it unbounded
     if (flask_request.content_length or 0) > MAX_BODY_BYTES:
         abort(413)
+    if flask_request.mimetype not in FORM_TYPES:
+        return None
+    charset = flask_request.mimetype_params.get("charset", "utf-8").strip().lower()
+    problem = None
+    if charset not in UTF8_NAMES:
+        problem = f"The form was sent as {charset.upper()}; this site reads UTF-8 only."
+    else:
+        body = flask_request.get_data(cache=True)  # at most MAX_BODY_BYTES by now
+        try:
+            text = body.decode("utf-8")
+            if flask_request.mimetype == "application/x-www-form-urlencoded":
+                parse_qsl(text, keep_blank_values=True, encoding="utf-8", errors="strict")
+        except UnicodeDecodeError:
+            problem = "The form was not sent as UTF-8, so what you typed cannot be read."
+    if problem is None:
+        return None
+    return _error_page(
+        400,
+        title="That form could not be read",
+        message=f"{problem} Please go back and send it again from the form on this site.",
+    )
+
+
+def _take_chunked_body(environ: dict) -> None:
+    """Read a body sent without Content-Length (chunked) up to one byte over the limit:
+    413 past it, else hand it on as an ordinary body of known length (before anything
+    reads ``request.content_length``, which Werkzeug keeps once read)."""
+    stream, data = environ["wsgi.input"], b""
+    while len(data) <= MAX_BODY_BYTES and (chunk := stream.read(MAX_BODY_BYTES + 1 - len(data))):
+        data += chunk
+    if len(data) > MAX_BODY_BYTES:
+        abort(413)
+    environ["wsgi.input"] = io.BytesIO(data)
+    environ["CONTENT_LENGTH"] = str(len(data))
+    environ.pop("wsgi.input_terminated", None)
+    environ.pop("HTTP_TRANSFER_ENCODING", None)  # else Werkzeug ignores the length
 
 
 def security_headers(settings: Settings, embeddable: bool) -> tuple[tuple[str, str], ...]:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import email
 import email.policy
+import http.client
+import io
 import re
 import socket
 import time
@@ -16,6 +18,7 @@ from flask import Flask
 from flask.testing import FlaskClient
 from itsdangerous import TimestampSigner, URLSafeTimedSerializer
 from sqlalchemy import select, text
+from werkzeug.test import EnvironBuilder
 
 from newsletter import signup, subscribers
 from newsletter.cli import main
@@ -725,3 +728,100 @@ def test_serve_on_a_busy_port_is_a_one_line_error(runner: CliRunner) -> None:
         result = runner.invoke(main, ["serve", "--port", str(port)])
     assert result.exit_code == 2
     assert result.stderr == f"error: cannot listen on 127.0.0.1:{port}: Address already in use\n"
+
+
+# Request bodies --------------------------------------------------------------------------
+
+FORM = "application/x-www-form-urlencoded"
+
+
+def _raw_post(
+    app: Flask, body: bytes, content_type: str = FORM, chunked: bool = False
+) -> tuple[int, str]:
+    """POST ``body`` to /subscribe straight through WSGI (the test client would rebuild
+    the environ); ``chunked``: without Content-Length, as gunicorn hands on a chunked
+    request (``wsgi.input_terminated``). Returns the status code and the page."""
+    environ = EnvironBuilder(path="/subscribe", method="POST").get_environ()
+    environ.update(
+        {"wsgi.input": io.BytesIO(body), "CONTENT_TYPE": content_type, "REMOTE_ADDR": "192.0.2.7"}
+    )
+    if chunked:
+        environ |= {"wsgi.input_terminated": True, "HTTP_TRANSFER_ENCODING": "chunked"}
+        environ.pop("CONTENT_LENGTH", None)
+    else:
+        environ["CONTENT_LENGTH"] = str(len(body))
+    status: list[str] = []
+    page = b"".join(app.wsgi_app(environ, lambda line, headers: status.append(line)))
+    return int(status[0].split()[0]), page.decode("utf-8")
+
+
+@sqlite_only
+def test_a_chunked_body_is_held_to_the_same_limit(app: Flask, store: Store) -> None:
+    """A body without Content-Length is read up to the 16 KB limit: past it a 413 page and
+    nobody stored; within it the form is read whole."""
+    big = b"email=bob%40example.com&name=" + b"x" * 20_000
+    status, page = _raw_post(app, big, chunked=True)
+    assert status == 413 and "That was too much" in page
+    assert _status(store, "bob@example.com") is None
+    status, _ = _raw_post(app, b"email=ada%40example.com&name=Ada", chunked=True)
+    assert status == 303 and _status(store, "ada@example.com") == "pending"
+
+
+@sqlite_only
+@pytest.mark.parametrize(
+    ("body", "content_type", "says"),
+    [
+        (b"email=zoe%40example.com&name=Zo%EB", f"{FORM}; charset=iso-8859-1", "ISO-8859-1"),
+        (b"email=zoe%40example.com&name=Zo%EB", FORM, "not sent as UTF-8"),
+        (b"email=zoe%40example.com&name=Zo\xeb", FORM, "not sent as UTF-8"),
+        ("email=zoe%40example.com".encode("utf-16"), f"{FORM}; charset=utf-16", "UTF-16"),
+        (
+            b'--B\r\nContent-Disposition: form-data; name="email"\r\n\r\nzoe@example.com\r\n'
+            b'--B\r\nContent-Disposition: form-data; name="name"\r\n\r\nZo\xeb\r\n--B--\r\n',
+            "multipart/form-data; boundary=B",
+            "not sent as UTF-8",
+        ),
+    ],
+    ids=["declared-latin-1", "percent-latin-1", "raw-latin-1", "utf-16", "multipart-latin-1"],
+)
+def test_a_form_not_in_utf8_is_a_clear_400(
+    app: Flask, store: Store, body: bytes, content_type: str, says: str
+) -> None:
+    """A form in another charset, or with bytes that are not UTF-8, is a 400 page saying
+    so (Werkzeug would have replaced the name's letters or dropped the field), and nobody
+    is stored; a UTF-8 name goes through, chunked or not."""
+    for chunked in (False, True):
+        status, page = _raw_post(app, body, content_type, chunked)
+        assert status == 400 and "That form could not be read" in page
+        assert says in page and "Traceback" not in page
+    assert _status(store, "zoe@example.com") is None
+    fine = b"email=zoe%40example.com&name=Zo%C3%AB"
+    assert _raw_post(app, fine, f"{FORM}; charset=UTF-8", chunked=True)[0] == 303
+    with store.session() as session:
+        assert subscribers.get(session, "zoe@example.com").name == "Zoë"
+
+
+def test_chunked_bodies_through_the_real_server(server) -> None:
+    """Through gunicorn: a chunked signup is read whole, a chunked 100 KB body is a 413."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(server.url)
+
+    def chunked(chunks: list[bytes]) -> int:
+        connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=10)
+        try:
+            connection.request(
+                "POST",
+                "/subscribe",
+                body=iter(chunks),
+                headers={"Content-Type": FORM},
+                encode_chunked=True,
+            )
+            return connection.getresponse().status
+        finally:
+            connection.close()
+
+    assert chunked([b"email=ada%40example", b".com&name=Ada"]) == 303
+    assert server.status("ada@example.com") == "pending"
+    assert chunked([b"email=bob%40example.com&name="] + [b"x" * 1000] * 100) == 413
+    assert server.status("bob@example.com") is None
