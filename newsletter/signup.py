@@ -31,8 +31,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Literal
 
-from sqlalchemy import and_, bindparam, delete, func, insert, or_, select, text, update
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy import and_, bindparam, delete, func, insert, or_, select, update
 from sqlalchemy.orm import Session
 
 from newsletter import outbound, subscribers
@@ -303,13 +302,3 @@ def prune_attempts(store: Store) -> int:
         return session.execute(
             delete(SignupAttempt).where(SignupAttempt.attempted_at < cutoff)
         ).rowcount
-
-
-def healthy(store: Store) -> bool:
-    """Whether the database answers a trivial query."""
-    try:
-        with store.engine.connect() as connection:
-            connection.execute(text("SELECT 1"))
-    except SQLAlchemyError:
-        return False
-    return True

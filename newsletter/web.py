@@ -7,7 +7,7 @@
     POST /confirm/TOKEN      activates the pending subscriber and shows the welcome page
     GET  /unsubscribe/TOKEN  a page with one button; a GET never changes anything
     POST /unsubscribe/TOKEN  unsubscribes at once and answers 200 (RFC 8058 one-click)
-    GET  /healthz            200 when the database answers, else 503
+    GET  /healthz            200 when the database answers with the newest schema, else 503
     GET  /style.css          the pages' only stylesheet (the CSP allows nothing inline)
 
 No cookies, sessions or CSRF tokens, by design. Signup is meant to be posted from
@@ -35,6 +35,7 @@ from werkzeug.middleware.proxy_fix import ProxyFix
 
 from newsletter import signup
 from newsletter.config import Settings, load_settings
+from newsletter.migrate import schema_is_current
 from newsletter.render import template_environment
 from newsletter.store import Store, open_store
 from newsletter.tokens import CONFIRM_MAX_AGE, InvalidToken, Tokens
@@ -258,9 +259,12 @@ def unsubscribe(token: str) -> Response:
 
 @bp.get("/healthz")
 def healthz() -> Response:
-    if signup.healthy(_ctx().store):
+    """200 only when the database answers and is migrated: a load balancer must not send
+    signups to an app whose tables are missing (a new PostgreSQL database, a failed
+    upgrade)."""
+    if schema_is_current(_ctx().store.engine):
         return Response("ok\n", 200, mimetype="text/plain")
-    return Response("database unavailable\n", 503, mimetype="text/plain")
+    return Response("database unavailable or not migrated\n", 503, mimetype="text/plain")
 
 
 @bp.get("/style.css")

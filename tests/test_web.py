@@ -661,6 +661,26 @@ def test_unsubscribe_keeps_a_bounce(client: FlaskClient, store: Store) -> None:
 # Health and errors ---------------------------------------------------------------------
 
 
+def test_healthz_wants_the_newest_schema(web_settings: Settings, database_url: str) -> None:
+    """A database that answers but has no tables (a new PostgreSQL database) is a 503, as is
+    one at a revision this version does not know; migrated to the newest, a 200."""
+    from newsletter.migrate import upgrade
+
+    bare = Store(make_engine(database_url))
+    try:
+        health = create_app(web_settings, bare).test_client()
+        with bare.engine.connect() as connection:
+            assert connection.execute(text("SELECT 1")).scalar() == 1  # it does answer
+        assert health.get("/healthz").status_code == 503
+        upgrade(bare.engine)
+        assert health.get("/healthz").status_code == 200
+        with bare.engine.begin() as connection:
+            connection.execute(text("UPDATE alembic_version SET version_num = 'fffffffffff'"))
+        assert health.get("/healthz").status_code == 503
+    finally:
+        bare.close()
+
+
 @sqlite_only
 def test_healthz(client: FlaskClient, web_settings: Settings) -> None:
     """200 while the database answers, 503 when it does not."""
