@@ -14,6 +14,7 @@ from dataclasses import dataclass
 _ITEM = re.compile(r"^( *)([*+-]|\d{1,9}[.)])( +|$)")
 _FENCE = re.compile(r"^ *(`{3,}|~{3,})")
 _QUOTE = re.compile(r"^ {0,3}> ?")
+MAX_QUOTE_DEPTH = 16
 
 
 @dataclass
@@ -36,7 +37,7 @@ def normalise_list_indentation(source: str) -> str:
     return "\n".join(_normalise(source.expandtabs(4).split("\n")))
 
 
-def _normalise(lines: list[str]) -> list[str]:
+def _normalise(lines: list[str], depth: int = 0) -> list[str]:
     out: list[str] = []
     stack: list[_Item] = []
     fence: str | None = None
@@ -61,7 +62,7 @@ def _normalise(lines: list[str]) -> list[str]:
             end = index
             while end < len(lines) and _QUOTE.match(lines[end]):
                 end += 1
-            out += _quote(lines[index - 1 : end])
+            out += _quote(lines[index - 1 : end], depth + 1)
             index = end
             continue
         item = _ITEM.match(raw)
@@ -80,11 +81,16 @@ def _normalise(lines: list[str]) -> list[str]:
     return out
 
 
-def _quote(lines: list[str]) -> list[str]:
+def _quote(lines: list[str], depth: int) -> list[str]:
     """A blockquote's lines, normalised as Python-Markdown will read them: without their
-    marker (``>`` and one optional space), which is then put back unchanged."""
+    marker (``>`` and one optional space), which is then put back unchanged. Quotes nested
+    deeper than :data:`MAX_QUOTE_DEPTH` (no writer's) are left as they are."""
+    if depth > MAX_QUOTE_DEPTH:
+        return lines
     markers = [_QUOTE.match(line).group(0) for line in lines]  # type: ignore[union-attr]
-    inner = _normalise([line[len(marker) :] for line, marker in zip(lines, markers, strict=True)])
+    inner = _normalise(
+        [line[len(marker) :] for line, marker in zip(lines, markers, strict=True)], depth
+    )
     return [marker + line for marker, line in zip(markers, inner, strict=True)]
 
 

@@ -73,3 +73,10 @@ def test_quote_markers_and_code_in_quotes_are_kept() -> None:
     source = ">* a\n>   * b\n\n```\n> * not\n>   * touched\n```\n"
     expected = ">* a\n>     * b\n\n```\n> * not\n>   * touched\n```\n"
     assert normalise_list_indentation(source) == expected
+
+
+def test_quotes_nested_thousands_deep_render_without_recursing_forever() -> None:
+    """A line of thousands of `>` markers renders (deep quotes are left to Python-Markdown
+    past a depth no writer uses) instead of exhausting the stack."""
+    html = markdown_to_html("> " * 5000 + "deep\n")
+    assert "deep" in html and html.count("<blockquote>") > 100
