@@ -7,11 +7,12 @@ turn into minutes are bounded here; the size limit of a digest
 (:data:`newsletter.digest.MAX_DIGEST_BYTES`) bounds the rest.
 
 Huge paragraphs. Each inline match (a link, an emphasis, an escape, an entity) rebuilds
-the string of its whole paragraph (Python-Markdown issue #161), so a paragraph of n
-characters with a match every few of them costs n squared. Text longer than
-:data:`INLINE_CHUNK` characters, which no writer puts in one paragraph, is parsed in
-chunks of about that size, cut at white space; a link or emphasis across a cut stays
-literal text.
+the string of its whole paragraph (Python-Markdown issue #161), and each entity or
+escape was then added to its element's text by copying all the text before it, so a
+paragraph of n characters with a match every few of them cost n squared twice over. Text
+longer than :data:`INLINE_CHUNK` characters, which no writer puts in one paragraph, is
+parsed in chunks of about that size, cut at white space (a link or emphasis across a cut
+stays literal text), and the pieces of an element's text are joined once.
 
 Links. To find where a link's text ends, Python-Markdown scans from its ``[`` to the matching
 ``]``; to find its URL, from ``(`` to the matching ``)``. An opener that is never closed
@@ -42,6 +43,7 @@ into code spans, which in such a text is no loss).
 from __future__ import annotations
 
 import re
+import xml.etree.ElementTree as etree
 
 from markdown import Markdown
 from markdown.extensions import Extension
@@ -63,7 +65,7 @@ from markdown.inlinepatterns import (
 )
 from markdown.preprocessors import Preprocessor
 from markdown.treeprocessors import InlineProcessor
-from markdown.util import ETX, STX
+from markdown.util import ETX, INLINE_PLACEHOLDER_PREFIX, STX, AtomicString
 
 SCANS_PER_CHARACTER = 4
 MINIMUM_BUDGET = 64 * 1024
@@ -72,6 +74,8 @@ UNCLOSED_LIMIT = 16  # more unclosed openers than this are no longer typos
 INLINE_CHUNK = 32 * 1024
 
 _BRACKET = re.compile(r"[\[\]]")
+# Python-Markdown's private methods that _LinearInline overrides or calls.
+_PRIVATE = ("handleInline", "processPlaceholders", "findPlaceholder", "processElementText")
 _FOOTNOTE_RE = rf"\[\^([^\]]{{0,{FOOTNOTE_ID_LIMIT}}})\]"
 # An opening fence as Python-Markdown's FencedBlockPreprocessor reads one (a whole line).
 _OPENING_FENCE = re.compile(
@@ -180,16 +184,72 @@ _PROCESSORS = (
 )
 
 
-class _ChunkedInline(InlineProcessor):
-    """Python-Markdown's inline tree processor, fed huge texts a chunk at a time."""
+class _LinearInline(InlineProcessor):
+    """Python-Markdown's inline tree processor, fed huge texts a chunk at a time and
+    putting the text between stashed elements together once.
+
+    Both override the base class's private, name-mangled methods (its own calls reach
+    them under these names); :class:`Bounded` installs this class only if they exist.
+    """
 
     def _InlineProcessor__handleInline(self, data: str, patternIndex: int = 0) -> str:
-        # The private method every inline pass goes through (its callers are the base
-        # class's own, name-mangled calls), so chunking it covers nested text too.
         handle = super()._InlineProcessor__handleInline  # type: ignore[misc]
         if len(data) <= INLINE_CHUNK:
             return handle(data, patternIndex)
         return "".join(handle(chunk, patternIndex) for chunk in _chunks(data))
+
+    def _InlineProcessor__processPlaceholders(
+        self, data: str | None, parent: etree.Element, isText: bool = True
+    ) -> list[tuple[etree.Element, list[str]]]:
+        # Python-Markdown's, except that its linkText() added each piece of text (an
+        # entity, an escaped character) to the element's text with +=, which is quadratic
+        # in their number: here the pieces wait in a list and are joined once.
+        find = self._InlineProcessor__findPlaceholder  # type: ignore[attr-defined]
+        process = self._InlineProcessor__processElementText  # type: ignore[attr-defined]
+        result: list[tuple[etree.Element, list[str]]] = []
+        pending: list[str] = []
+
+        def flush() -> None:
+            if not pending:
+                return
+            if result:
+                target, attribute = result[-1][0], "tail"
+            else:
+                target, attribute = parent, "text" if isText else "tail"
+            before = getattr(target, attribute)
+            text = pending[0] if len(pending) == 1 else "".join(pending)
+            setattr(target, attribute, text if not before else before + text)
+            pending.clear()
+
+        start = 0
+        while data:
+            index = data.find(INLINE_PLACEHOLDER_PREFIX, start)
+            if index == -1:
+                text = data[start:]
+                pending.append(AtomicString(text) if isinstance(data, AtomicString) else text)
+                break
+            identifier, end = find(data, index)
+            if identifier not in self.stashed_nodes:  # not a placeholder after all
+                end = index + len(INLINE_PLACEHOLDER_PREFIX)
+                pending.append(data[start:end])
+                start = end
+                continue
+            node = self.stashed_nodes.get(identifier)
+            if index > 0 and data[start:index]:
+                pending.append(data[start:index])
+            start = end
+            if isinstance(node, str):
+                pending.append(node)
+                continue
+            for child in [node, *node]:
+                if child.tail and child.tail.strip():
+                    process(node, child, False)
+                if child.text and child.text.strip():
+                    process(child, child)
+            flush()
+            result.append((node, self.ancestors[:]))
+        flush()
+        return result
 
 
 def _chunks(data: str) -> list[str]:
@@ -232,8 +292,8 @@ class BoundedLinks(Extension):
             instance = processor(pattern) if processor is _Backtick else processor(pattern, md)
             instance.budget = budget
             md.inlinePatterns.register(instance, name, priority)
-        if hasattr(InlineProcessor, "_InlineProcessor__handleInline"):
-            md.treeprocessors.register(_ChunkedInline(md), "inline", 20)
+        if all(hasattr(InlineProcessor, f"_InlineProcessor__{name}") for name in _PRIVATE):
+            md.treeprocessors.register(_LinearInline(md), "inline", 20)
         if "footnote" in md.inlinePatterns:  # the footnotes extension is loaded before this one
             footnotes = md.inlinePatterns["footnote"].footnotes
             bounded = FootnoteInlineProcessor(_FOOTNOTE_RE, footnotes)

@@ -91,8 +91,10 @@ def test_real_digests_render_exactly_as_python_markdown_does(path: Path) -> None
         "x < y and <b>bold</b> and a <stray\n\n```\nif a < b:\n```\n\n<!-- comment -->\n",
         "```python\nclosed\n```\n\n```never closed\ntext *em*\n",
         "A " + "long paragraph [with a link](https://e.com) and *emphasis* " * 400 + "\n",
+        "a &amp; b \\* c <b>bold &copy; *em*</b> d &#96; " * 300 + "\n\n* &lt; item\n",
+        "x " * 20_000 + "[cut?](https://e.com) " + "&amp; " * 8000 + "\n",
     ],
-    ids=["links", "code-and-footnotes", "angles", "fences", "long-paragraph"],
+    ids=["links", "code-and-footnotes", "angles", "fences", "long-paragraph", "entities", "huge"],
 )
 def test_links_code_and_html_render_as_before(source: str) -> None:
     """Links, references, code spans, footnotes, stray `<` and an unclosed fence, and a long
