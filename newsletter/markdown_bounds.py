@@ -129,6 +129,8 @@ class _Link(LinkInlineProcessor):
 
 
 class _Reference(_Link, ReferenceInlineProcessor):
+    """Reference links (``[text][id]``, ``[id]``): the id's scan is charged too."""
+
     def evalId(self, data: str, index: int, text: str) -> tuple[str | None, int, bool]:
         if self.budget.remaining <= 0:
             return None, index, False
@@ -142,6 +144,8 @@ class _Reference(_Link, ReferenceInlineProcessor):
 
 
 class _Backtick(BacktickInlineProcessor):
+    """Code spans: the look-ahead for a closing run of backticks, charged to the budget."""
+
     budget: ScanBudget
 
     def find_code_spans(self, start: int, text: str) -> tuple[int, int | None]:
@@ -189,7 +193,7 @@ class _LinearInline(InlineProcessor):
     putting the text between stashed elements together once.
 
     Both override the base class's private, name-mangled methods (its own calls reach
-    them under these names); :class:`Bounded` installs this class only if they exist.
+    them under these names); :class:`MarkdownBounds` installs this class only if they exist.
     """
 
     def _InlineProcessor__handleInline(self, data: str, patternIndex: int = 0) -> str:
@@ -282,8 +286,9 @@ class _SetBudget(Preprocessor):
         return lines
 
 
-class BoundedLinks(Extension):
-    """Replaces Python-Markdown's link, image and reference processors with budgeted ones."""
+class MarkdownBounds(Extension):
+    """Installs the bounds: budgeted link, image, reference and code-span processors, a
+    bounded footnote pattern and the linear inline tree processor."""
 
     def extendMarkdown(self, md: Markdown) -> None:
         budget = ScanBudget()

@@ -37,7 +37,7 @@ from newsletter.embeds import (
 )
 from newsletter.errors import DigestError
 from newsletter.local_images import LocalImage, load_local_image
-from newsletter.markdown_bounds import BoundedLinks, escape_unclosed
+from newsletter.markdown_bounds import MarkdownBounds, escape_unclosed
 from newsletter.markdown_source import normalise_list_indentation
 from newsletter.plaintext import html_to_text
 
@@ -161,7 +161,7 @@ _MONTHS = (
 )
 # The calendar date at the start of what front matter holds: 2024-10-11, 2024-10-11T08:30:00+02:00,
 # 2019-03-14 09:00:00 +0100 (Jekyll). The date as its author wrote it, in their own zone.
-_DATE_PREFIX = re.compile(r"\s*(\d{4})-(\d{1,2})-(\d{1,2})(?![\d])")
+_DATE_PREFIX = re.compile(r"\s*(\d{4})-(\d{1,2})-(\d{1,2})(?!\d)")
 
 
 def long_date(value: object) -> str:
@@ -198,7 +198,7 @@ def template_environment(override: Path | None = None) -> Environment:
 @cache
 def _markdown() -> markdown.Markdown:
     return markdown.Markdown(
-        extensions=["extra", "sane_lists", BoundedLinks()],
+        extensions=["extra", "sane_lists", MarkdownBounds()],
         output_format="html",
     )
 
