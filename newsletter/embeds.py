@@ -82,6 +82,21 @@ class Embed:
     line: int | None = None
 
 
+@dataclass(frozen=True)
+class Removal:
+    """Something :func:`strip_active_content` took out of a digest, said for ``check``.
+
+    ``tag`` is the element it was on, ``attribute`` the attribute that went (None when the
+    whole element or only its link went), ``url`` the refused link or image address: what
+    the caller needs to find its line in the source.
+    """
+
+    message: str
+    tag: str
+    attribute: str | None = None
+    url: str | None = None
+
+
 def classify(src: str, title: str | None = None) -> Embed | None:
     """Read an embed URL the way bloggers paste it; None when it is not an http(s) URL."""
     url = src.strip()
@@ -314,27 +329,27 @@ def _markup(embed: Embed) -> list[HtmlElement]:
     ]
 
 
-def strip_active_content(root: HtmlElement) -> list[str]:
+def strip_active_content(root: HtmlElement) -> list[Removal]:
     """Remove what an email must not carry (scripts, forms, SVG, handlers, script URLs), in place.
 
     Every attribute a client could follow or fetch goes through one scheme allow-list, and
     so does every ``url()`` of an inline style, because a ``javascript:`` URL hidden in
     MathML, SVG or CSS is just as live as one in ``<a href>``. Iframes and videos are left
-    to ``replace_embeds``, so the two can run in either order. Returns one readable lint
-    message per removal, naming the element as ``<tag>`` so its line can be found.
+    to ``replace_embeds``, so the two can run in either order. Returns one
+    :class:`Removal` per thing removed, in document order.
     """
-    findings: list[str] = []
+    findings: list[Removal] = []
     for element in list(root.iter()):
         if not isinstance(element.tag, str) or not any(a is root for a in element.iterancestors()):
             continue
         tag = _local(element.tag)
         in_head = any(ancestor.tag == "head" for ancestor in element.iterancestors())
         if tag in _REMOVED_TAGS and not (in_head and tag in _HEAD_TAGS):
-            findings.append(f"removed <{tag}>")
+            findings.append(Removal(f"removed <{tag}>", tag))
             element.drop_tree()
             continue
         if tag == "math":  # few clients show MathML; its words read fine as text
-            findings.append("removed <math> markup, keeping its text")
+            findings.append(Removal("removed <math> markup, keeping its text", tag))
             for annotation in [e for e in element.iter() if _local(e.tag) in _MATH_ANNOTATIONS]:
                 annotation.drop_tree()  # the TeX source would repeat the formula
             element.tail = element.text_content() + (element.tail or "")
@@ -342,11 +357,14 @@ def strip_active_content(root: HtmlElement) -> list[str]:
             continue
         findings += _strip_attributes(element, tag)
         if tag == "a" and (kind := _disallowed(element.get("href"), _LINK_SCHEMES)):
-            findings.append(f"removed {kind} link '{_snippet(element.text_content())}'")
+            message = f"removed {kind} link '{_snippet(element.text_content())}'"
+            findings.append(Removal(message, tag, url=element.get("href")))
             element.drop_tag()
         elif tag == "img" and (kind := _disallowed(element.get("src"), _IMAGE_SCHEMES)):
             alt = element.get("alt", "")
-            findings.append(f"removed {kind} image '{_snippet(alt)}'")
+            findings.append(
+                Removal(f"removed {kind} image '{_snippet(alt)}'", tag, url=element.get("src"))
+            )
             element.tail = alt + (element.tail or "")
             element.drop_tree()
         elif tag == "noscript":
@@ -354,10 +372,10 @@ def strip_active_content(root: HtmlElement) -> list[str]:
     return findings
 
 
-def _strip_attributes(element: HtmlElement, tag: str) -> list[str]:
+def _strip_attributes(element: HtmlElement, tag: str) -> list[Removal]:
     """Drop event handlers, script-bearing styles and URL attributes with a scheme that is
     not allowed; ``<a href>`` and ``<img src>`` are left to the caller, which keeps text."""
-    findings: list[str] = []
+    findings: list[Removal] = []
     for name in list(element.attrib):
         local = _local(name)
         value = element.attrib[name]
@@ -372,7 +390,7 @@ def _strip_attributes(element: HtmlElement, tag: str) -> list[str]:
         else:
             continue
         del element.attrib[name]
-        findings.append(reason)
+        findings.append(Removal(reason, tag, attribute=local))
     return findings
 
 

@@ -27,7 +27,7 @@ from urllib.parse import urlsplit
 
 import idna
 
-from newsletter.render import InlineImage, RenderedIssue, placeholder
+from newsletter.render import InlineImage, RenderedIssue, keep_sections, placeholder
 
 _PLACEHOLDER = re.compile(rb"@@NL_([A-Z_]+)@@")
 _QP_SAFE = re.compile(r"[!-<>-~]*")  # printable ASCII except '=' and space
@@ -35,6 +35,7 @@ _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _SPECIALS = re.compile(r'[][\\()<>@,:;".]')  # a display name with one of these is quoted
 _TEXT_FIELDS = re.compile(r"@@NL_(NAME|EMAIL|UNSUBSCRIBE_URL)@@")
 _PLACEHOLDER_TEXT = re.compile(r"@@NL_[A-Z_]+@@")  # in a one-off's finished text: not ours
+_SET_FIELDS = frozenset({"email", "unsubscribe_url"})  # every recipient has these
 CRLF = "\r\n"
 
 
@@ -264,7 +265,16 @@ class MessageTemplate:
             ),
         )
         text = _TEXT_FIELDS.sub(r"@@NL_TEXT_\1@@", issue.text)
-        self._wire = WireTemplate(lines, text, issue.html, issue.images)
+        # if_set("name") sections (the greeting): one encoding with them, one without.
+        self._wires = {
+            named: WireTemplate(
+                lines,
+                keep_sections(text, _SET_FIELDS | ({"name"} if named else set())),
+                keep_sections(issue.html, _SET_FIELDS | ({"name"} if named else set())),
+                issue.images,
+            )
+            for named in (True, False)
+        }
         self._clock = HeaderClock()
 
     def build(self, recipient: Recipient) -> bytes:
@@ -283,7 +293,7 @@ class MessageTemplate:
             "text_name": qp_value(name),
             "text_email": qp_value(recipient.email),
         }
-        return self._wire.fill(values)
+        return self._wires[bool(name)].fill(values)
 
 
 def one_off(

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from sqlalchemy import Connection, Engine, text
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 
 from newsletter.errors import ConfigError
 
@@ -116,6 +116,16 @@ def _lock(connection: Connection) -> None:
         connection.exec_driver_sql("BEGIN IMMEDIATE")
     elif connection.dialect.name == "postgresql":
         connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _MIGRATION_LOCK})
+
+
+def schema_is_current(engine: Engine) -> bool:
+    """Whether the database answers and holds the newest schema this package ships: what
+    a health check asks. ``SELECT 1`` also answers on a database with no tables at all."""
+    try:
+        with engine.connect() as connection:
+            return _current_revision(connection) == head_revision()
+    except (SQLAlchemyError, ConfigError):  # unreachable, or a schema newer than this code
+        return False
 
 
 def current_revision(engine: Engine) -> str | None:

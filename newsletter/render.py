@@ -11,9 +11,10 @@ from __future__ import annotations
 import hashlib
 import html
 import logging
-import mimetypes
 import re
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
+from datetime import date, datetime
 from functools import cache
 from pathlib import Path
 from typing import ClassVar
@@ -26,8 +27,17 @@ from markupsafe import Markup
 from premailer import Premailer
 
 from newsletter.config import Settings
-from newsletter.digest import MUST_FIX, WARNING, Digest, Finding
-from newsletter.embeds import Embed, expand_shortcodes, replace_embeds, strip_active_content
+from newsletter.digest import MUST_FIX, WARNING, Digest, Finding, LineFinder
+from newsletter.embeds import (
+    Embed,
+    Removal,
+    expand_shortcodes,
+    replace_embeds,
+    strip_active_content,
+)
+from newsletter.errors import DigestError
+from newsletter.local_images import LocalImage, load_local_image
+from newsletter.markdown_bounds import MarkdownBounds, escape_unclosed
 from newsletter.markdown_source import normalise_list_indentation
 from newsletter.plaintext import html_to_text
 
@@ -41,6 +51,7 @@ SAMPLE_RECIPIENT = {
 }
 
 _PLACEHOLDER = re.compile(r"@@NL_([A-Z_]+)@@")
+_SECTION = re.compile(r"@@NL_IF_([A-Z_]+)@@(.*?)@@NL_END_\1@@", re.DOTALL)
 _DIGEST_FIELD = re.compile(r"\{\{\s*(name|email|unsubscribe_url)\s*\}\}")
 _SAFE_SCHEMES = {"http", "https", "mailto", "cid"}
 
@@ -50,9 +61,46 @@ def placeholder(name: str) -> str:
     return f"@@NL_{name.upper()}@@"
 
 
-class Personalizer:
-    """A text pre-split at its placeholders: filling it is one ``str.join``."""
+def if_set(field: str, caller: Callable[[], str]) -> str:
+    """The ``if_set`` call block of the templates: what it wraps is kept for a recipient
+    whose ``field`` is set and dropped for one whose field is empty, so a template can say
+    ``{% call if_set("name") %}Hi {{ name }},{% endcall %}`` and nobody reads "Hi ,"."""
+    inner = caller()
+    opening, closing = f"@@NL_IF_{field.upper()}@@", f"@@NL_END_{field.upper()}@@"
+    if isinstance(inner, Markup):
+        return Markup(opening) + inner + Markup(closing)
+    return opening + inner + closing
 
+
+def keep_sections(text: str, present: Collection[str]) -> str:
+    """``text`` with each ``if_set`` section of a field in ``present`` kept (its markers
+    removed) and every other section dropped."""
+    return _SECTION.sub(lambda m: m[2] if m[1].lower() in present else "", text)
+
+
+class Personalizer:
+    """A text pre-split at its placeholders: filling it is one ``str.join``.
+
+    ``if_set`` sections are resolved first, once for each combination of fields set or
+    empty that the recipients show."""
+
+    __slots__ = ("_sections", "_text", "_variants")
+
+    def __init__(self, text: str) -> None:
+        self._text = text
+        self._sections = tuple(sorted({m[1].lower() for m in _SECTION.finditer(text)}))
+        self._variants: dict[frozenset[str], _Fields] = {}
+
+    def fill(self, values: dict[str, str], escape: bool = False) -> str:
+        """The text with each placeholder replaced by its value (HTML-escaped when asked)."""
+        present = frozenset(f for f in self._sections if (values.get(f) or "").strip())
+        variant = self._variants.get(present)
+        if variant is None:
+            variant = self._variants[present] = _Fields(keep_sections(self._text, present))
+        return variant.fill(values, escape)
+
+
+class _Fields:
     __slots__ = ("_fields", "_parts")
 
     def __init__(self, text: str) -> None:
@@ -60,8 +108,7 @@ class Personalizer:
         self._parts = pieces
         self._fields = [piece.lower() for piece in pieces[1::2]]
 
-    def fill(self, values: dict[str, str], escape: bool = False) -> str:
-        """The text with each placeholder replaced by its value (HTML-escaped when asked)."""
+    def fill(self, values: dict[str, str], escape: bool) -> str:
         parts = self._parts.copy()
         for index, name in enumerate(self._fields):
             value = values.get(name, "")
@@ -117,23 +164,50 @@ def default_templates_dir() -> Path:
     return packaged if packaged.is_dir() else Path(__file__).parent.parent / "templates"
 
 
+_MONTHS = (
+    *("January", "February", "March", "April", "May", "June", "July"),
+    *("August", "September", "October", "November", "December"),
+)
+# The calendar date at the start of what front matter holds: 2024-10-11, 2024-10-11T08:30:00+02:00,
+# 2019-03-14 09:00:00 +0100 (Jekyll). The date as its author wrote it, in their own zone.
+_DATE_PREFIX = re.compile(r"\s*(\d{4})-(\d{1,2})-(\d{1,2})(?!\d)")
+
+
+def long_date(value: object) -> str:
+    """A front matter date as a reader reads it (``11 October 2024``); what cannot be read
+    as a date is shown as written. The ``long_date`` filter of every template."""
+    if isinstance(value, datetime | date):
+        day = value if not isinstance(value, datetime) else value.date()
+    elif match := _DATE_PREFIX.match(str(value or "")):
+        try:
+            day = date(*(int(part) for part in match.groups()))
+        except ValueError:
+            return str(value)
+    else:
+        return "" if value is None else str(value)
+    return f"{day.day} {_MONTHS[day.month - 1]} {day.year}"
+
+
 @cache
 def template_environment(override: Path | None = None) -> Environment:
     """Jinja2 environment: an override directory first, the shipped defaults behind it."""
     loaders = [FileSystemLoader(str(override))] if override else []
     loaders.append(FileSystemLoader(str(default_templates_dir())))
-    return Environment(
+    environment = Environment(
         loader=ChoiceLoader(loaders),
         autoescape=select_autoescape(["html", "htm", "xml"]),
         undefined=StrictUndefined,
         keep_trailing_newline=True,
     )
+    environment.filters["long_date"] = long_date
+    environment.globals["if_set"] = if_set
+    return environment
 
 
 @cache
 def _markdown() -> markdown.Markdown:
     return markdown.Markdown(
-        extensions=["extra", "sane_lists"],
+        extensions=["extra", "sane_lists", MarkdownBounds()],
         output_format="html",
     )
 
@@ -142,7 +216,11 @@ def markdown_to_html(source: str) -> str:
     """Markdown as bloggers write it (2- or 4-space nesting, shortcodes) to an HTML fragment."""
     md = _markdown()
     md.reset()
-    return md.convert(normalise_list_indentation(expand_shortcodes(source)))
+    try:
+        return md.convert(escape_unclosed(normalise_list_indentation(expand_shortcodes(source))))
+    except BaseException:
+        _markdown.cache_clear()  # reset() does not undo a half-done parse (its state stack)
+        raise
 
 
 def _mark_personal_fields(root: lxml_html.HtmlElement) -> None:
@@ -172,13 +250,19 @@ def _scheme(url: str) -> str | None:
         return None
 
 
-def _check_links(root: lxml_html.HtmlElement, digest: Digest) -> list[Finding]:
+def _url_needles(url: str) -> tuple[str, ...]:
+    """How a URL may be written in the source: as is, HTML-escaped (raw ``<a href>``), or up
+    to a parenthesis (Python-Markdown ends ``[x](javascript:f(1))`` early)."""
+    return (url, html.escape(url, quote=False), url.split("(")[0])
+
+
+def _check_links(root: lxml_html.HtmlElement, lines: LineFinder) -> list[Finding]:
     findings = []
     for link in root.iter("a"):
         href = (link.get("href") or "").strip()
         scheme = _scheme(href)
         if href and not href.startswith("#") and scheme not in _SAFE_SCHEMES:
-            line = digest.line_of(href.split("(")[0]) if href else digest.body_line
+            line = lines.line(*_url_needles(href), url=True)
             problem = "is not a valid URL" if scheme is None else "is not http(s) or mailto"
             findings.append(Finding(line, f"link {href!r} {problem}", MUST_FIX))
     return findings
@@ -199,28 +283,36 @@ def _nearest_line(url: str, digest: Digest) -> int:
     parts = urlsplit(url)
     tokens = [parts.netloc + parts.path, parts.path.rsplit("/", 1)[-1]]
     tokens += [value for _, value in parse_qsl(parts.query)]
-    for token in sorted((t for t in tokens if len(t) >= 6), key=len, reverse=True):
-        if token in digest.body:
-            return digest.line_of(token)
-    return digest.body_line
+    wanted = sorted((t for t in tokens if len(t) >= 6), key=len, reverse=True)
+    return digest.lines().line(*wanted)
 
 
 def _check_alt_text(root: lxml_html.HtmlElement, digest: Digest) -> list[Finding]:
     """Images without alt text: what readers with images blocked and screen readers miss."""
+    lines = digest.lines()
     return [
         Finding(
-            digest.line_of(src) if (src := (img.get("src") or "").strip()) else digest.body_line,
+            lines.line(src, url=True),
             f"image {src!r} has no alt text (shown when images are blocked, read aloud "
             "by screen readers)",
             WARNING,
         )
         for img in root.iter("img")
-        if not (img.get("alt") or "").strip()
+        if not ((img.get("alt") or "").strip())
+        for src in [(img.get("src") or "").strip()]
     ]
 
 
+def _removal_line(removal: Removal, lines: LineFinder) -> int:
+    if removal.url:
+        return lines.line(*_url_needles(removal.url), url=True)
+    if removal.attribute is not None:
+        return lines.line(f"{removal.attribute}=", removal.attribute, f"<{removal.tag}")
+    return lines.line(f"<{removal.tag}")
+
+
 def _resolve_images(
-    root: lxml_html.HtmlElement, digest: Digest, asset_base: str | None
+    root: lxml_html.HtmlElement, digest: Digest, lines: LineFinder, asset_base: str | None
 ) -> tuple[list[InlineImage], list[Finding]]:
     """Make every image absolute, inline (cid:) or gone, so no relative URL reaches a reader."""
     images: dict[Path, InlineImage] = {}
@@ -235,23 +327,18 @@ def _resolve_images(
         if asset_base:
             img.set("src", urljoin(asset_base + "/", src.lstrip("/")))
             continue
-        local = (digest.path.parent / src).resolve() if src else None
-        if local is not None and local.is_file():
-            if local not in images:
-                data = local.read_bytes()
-                cid = f"img{len(images) + 1}.{hashlib.sha1(data).hexdigest()[:12]}@newsletter"
-                kind = mimetypes.guess_type(local.name)[0] or "application/octet-stream"
-                images[local] = InlineImage(cid, local.name, kind, data)
-            img.set("src", f"cid:{images[local].cid}")
+        found = load_local_image(digest.path.parent, src)
+        if isinstance(found, LocalImage):
+            if found.path not in images:
+                digest_of = hashlib.sha1(found.data).hexdigest()[:12]
+                cid = f"img{len(images) + 1}.{digest_of}@newsletter"
+                images[found.path] = InlineImage(
+                    cid, found.path.name, found.content_type, found.data
+                )
+            img.set("src", f"cid:{images[found.path].cid}")
             continue
-        findings.append(
-            Finding(
-                digest.line_of(src) if src else digest.body_line,
-                f"image {src!r} cannot be resolved: no file next to the digest and "
-                "NEWSLETTER_ASSET_BASE_URL is not set",
-                MUST_FIX,
-            )
-        )
+        line = lines.line(*_url_needles(src), url=True)
+        findings.append(Finding(line, f"image {src!r} {found.reason}", MUST_FIX))
         _replace_with_text(img, img.get("alt") or "")
     return list(images.values()), findings
 
@@ -310,23 +397,29 @@ def _inline_css(document: str) -> str:
 
 def render_issue(digest: Digest, settings: Settings) -> RenderedIssue:
     """Render a digest once: HTML and text with personal placeholders, images, findings."""
-    root = lxml_html.fragment_fromstring(markdown_to_html(digest.body), create_parent="div")
+    try:
+        body = markdown_to_html(digest.body)
+    except RecursionError:  # Python-Markdown recurses once per level of nesting
+        raise DigestError(
+            f"{digest.path}: lists or quotes nest too deeply to render; flatten them"
+        ) from None
+    root = lxml_html.fragment_fromstring(body, create_parent="div")
     _drop_title_heading(root, digest.title)
     findings = list(digest.findings)
-    findings += _check_links(root, digest)
+    lines = digest.lines()
+    findings += _check_links(root, lines)
     for removal in strip_active_content(root):
-        if " link " not in removal:  # bad links are reported by _check_links, with their line
-            tag = re.search(r"<(\w+)>", removal)
-            line = digest.line_of(f"<{tag.group(1)}") if tag else digest.body_line
-            findings.append(Finding(line, removal))
+        if removal.tag == "a" and removal.url is not None:
+            continue  # a bad link is reported by _check_links
+        findings.append(Finding(_removal_line(removal, lines), removal.message))
     embeds = replace_embeds(root)
     for embed in embeds:
         if not embed.known:
-            line = digest.line_of(urlsplit(embed.url).netloc)
+            line = lines.line(embed.url, urlsplit(embed.url).netloc)
             findings.append(Finding(line, f"embed from {embed.provider} turned into a link"))
     findings += _check_alt_text(root, digest)
     links = _body_links(root, digest)
-    images, image_findings = _resolve_images(root, digest, settings.asset_base_url)
+    images, image_findings = _resolve_images(root, digest, lines, settings.asset_base_url)
     findings += image_findings
     _mark_personal_fields(root)
     body_html = "".join(lxml_html.tostring(child, encoding="unicode") for child in root)
@@ -364,6 +457,6 @@ def render_issue(digest: Digest, settings: Settings) -> RenderedIssue:
         text=text,
         images=tuple(images),
         embeds=tuple(embeds),
-        findings=tuple(findings),
+        findings=tuple(sorted(findings, key=lambda finding: finding.line)),
         links=tuple(links),
     )

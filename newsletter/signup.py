@@ -29,8 +29,7 @@ from collections.abc import Callable
 from datetime import datetime, timedelta
 from typing import Literal
 
-from sqlalchemy import Connection, and_, bindparam, delete, func, insert, or_, select, text, update
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy import Connection, and_, bindparam, delete, func, insert, or_, select, update
 from sqlalchemy.orm import Session
 
 from newsletter import subscribers
@@ -228,13 +227,3 @@ def prune_attempts(store: Store) -> int:
         return session.execute(
             delete(SignupAttempt).where(SignupAttempt.attempted_at < cutoff)
         ).rowcount
-
-
-def healthy(store: Store) -> bool:
-    """Whether the database answers a trivial query."""
-    try:
-        with store.engine.connect() as connection:
-            connection.execute(text("SELECT 1"))
-    except SQLAlchemyError:
-        return False
-    return True

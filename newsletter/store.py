@@ -60,8 +60,8 @@ from sqlalchemy import (
     select,
     text,
 )
-from sqlalchemy.engine import URL, make_url
-from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy.engine import URL, ExceptionContext, make_url
+from sqlalchemy.exc import ArgumentError, DBAPIError, IntegrityError, NoSuchModuleError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 from sqlalchemy.types import TypeDecorator
 
@@ -79,6 +79,15 @@ SCHEDULE_KINDS = ("once", "cron")
 SCHEDULE_STATUSES = ("scheduled", "running", "done", "missed", "failed", "cancelled")
 
 SECRET_KEY_SETTING = "secret_key"
+DATABASE_VARIABLE = "NEWSLETTER_DATABASE_URL"
+SUPPORTED_BACKENDS = ("sqlite", "postgresql")
+# SQLite's error names (and extended names that start so) for what is wrong with the file.
+_SQLITE_FILE_ERRORS = {
+    "SQLITE_READONLY": "is read-only",
+    "SQLITE_NOTADB": "is not an SQLite database",
+    "SQLITE_CORRUPT": "is damaged",
+    "SQLITE_CANTOPEN": "cannot be opened",
+}
 SQLITE_BUSY_SECONDS = 30
 SQLITE_PRAGMAS = (
     f"busy_timeout={SQLITE_BUSY_SECONDS * 1000}",
@@ -323,23 +332,63 @@ class Store:
 
 
 def make_engine(url: str | URL) -> Engine:
-    """An engine for ``url``: SQLite set up to be shared by processes; PostgreSQL on psycopg 3."""
-    url = make_url(url)
+    """An engine for ``url``: SQLite set up to be shared by processes; PostgreSQL on psycopg 3.
+
+    A URL this tool cannot use (another database, a driver that is not installed) is a
+    one-line ConfigError naming NEWSLETTER_DATABASE_URL, and so are the errors that are the
+    configured database's rather than the code's (read-only, not a database at all),
+    whenever they happen.
+    """
+    try:
+        url = make_url(url)
+    except ArgumentError:
+        raise ConfigError(f"{DATABASE_VARIABLE}: {str(url)!r} is not a database URL") from None
     if url.drivername in ("postgresql", "postgres"):
         url = url.set(drivername="postgresql+psycopg")  # psycopg2 is not a dependency
-    if url.get_backend_name() != "sqlite":
-        return create_engine(url, pool_pre_ping=True)
+    shown = url.render_as_string(hide_password=True)
+    if url.get_backend_name() not in SUPPORTED_BACKENDS:
+        raise ConfigError(
+            f"{DATABASE_VARIABLE}: {shown}: {url.get_backend_name()!r} is not supported; "
+            "use sqlite:///PATH or postgresql+psycopg://USER@HOST/DATABASE"
+        )
+    try:
+        if url.get_backend_name() != "sqlite":
+            engine = create_engine(url, pool_pre_ping=True)
+        else:
+            _make_sqlite_parent(url)
+            engine = create_engine(url)
+            event.listen(engine, "connect", _sqlite_pragmas)
+    except (NoSuchModuleError, ImportError) as exc:
+        raise ConfigError(
+            f"{DATABASE_VARIABLE}: {shown}: driver {url.get_driver_name()!r} is not available "
+            f"({exc}); use sqlite:///PATH or postgresql+psycopg://USER@HOST/DATABASE"
+        ) from None
+    event.listen(engine, "handle_error", _database_errors)
+    return engine
+
+
+def _make_sqlite_parent(url: URL) -> None:
     if url.database and url.database != ":memory:" and not url.database.startswith("file:"):
         parent = Path(url.database).parent
         try:
             parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise ConfigError(
-                f"NEWSLETTER_DATABASE_URL: cannot create {parent}: {exc.strerror}"
+                f"{DATABASE_VARIABLE}: cannot create {parent}: {exc.strerror}"
             ) from None
-    engine = create_engine(url)
-    event.listen(engine, "connect", _sqlite_pragmas)
-    return engine
+
+
+def _database_errors(context: ExceptionContext) -> None:
+    """Turn what is wrong with the configured SQLite file (read-only, not a database) into
+    one line naming the variable, wherever it shows: often only at the first write."""
+    error = context.original_exception
+    name = getattr(error, "sqlite_errorname", "") if isinstance(error, sqlite3.Error) else ""
+    problem = next((text for key, text in _SQLITE_FILE_ERRORS.items() if name.startswith(key)), "")
+    if not problem:
+        return
+    engine = context.engine
+    shown = engine.url.render_as_string(hide_password=True) if engine else "the database"
+    raise ConfigError(f"{DATABASE_VARIABLE}: {shown} {problem} ({error})")
 
 
 def _sqlite_pragmas(dbapi_connection, _record) -> None:
@@ -371,11 +420,11 @@ def open_store(source: Settings | str | URL) -> Store:
     engine = make_engine(url)
     try:
         upgrade(engine)
-    except OperationalError as exc:
+    except DBAPIError as exc:  # cannot connect, or what answers is no database
         engine.dispose()
         reason = str(exc.orig).strip().splitlines()[0] if exc.orig else str(exc)
         where = engine.url.render_as_string(hide_password=True)
-        raise ConfigError(f"NEWSLETTER_DATABASE_URL: cannot open {where}: {reason}") from None
+        raise ConfigError(f"{DATABASE_VARIABLE}: cannot open {where}: {reason}") from None
     except BaseException:
         engine.dispose()
         raise

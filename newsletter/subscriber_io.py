@@ -41,6 +41,9 @@ from newsletter.subscribers import (
 BATCH_SIZE = 500
 HEADER_ALIASES = {"e-mail": "email", "email address": "email", "email_address": "email"}
 TIME_FIELDS = ("created_at", "confirmed_at", "unsubscribed_at")
+# What makes a spreadsheet read a cell as a formula (OWASP, CSV injection); names are typed
+# into a public form, so "=HYPERLINK(...)" is one signup away.
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
 
 
 @dataclass(frozen=True)
@@ -173,7 +176,7 @@ def _parse(line: int, cells: list[str], columns: list[str]) -> _Row:
             f"{len(cells)} fields but the header has {len(columns)} "
             "(quote values that contain commas)"
         )
-    values = dict(zip(columns, cells, strict=False))
+    values = dict(zip(columns, (from_csv_cell(cell) for cell in cells), strict=False))
     status = values.get("status", "").strip()
     source = values.get("source", "").strip().lower() or "import"
     if source not in SOURCES:
@@ -258,8 +261,28 @@ def _cell(value: Any) -> str:
     return value.isoformat() if isinstance(value, datetime) else str(value)
 
 
+def _needs_quote(text: str) -> bool:
+    """Whether a spreadsheet would take ``text`` for a formula, once any leading quotes it
+    already has are gone (so that a value that starts with ``'=`` round-trips too)."""
+    return text.lstrip("'").startswith(FORMULA_STARTS)
+
+
+def csv_cell(text: str) -> str:
+    """``text`` as a CSV cell no spreadsheet runs: a leading ``'`` before what would start a
+    formula (Excel, LibreOffice and Google Sheets show the text and hide the quote)."""
+    return "'" + text if _needs_quote(text) else text
+
+
+def from_csv_cell(text: str) -> str:
+    """What :func:`csv_cell` was given: the one quote it added comes off, nothing else."""
+    return text[1:] if text.startswith("'") and _needs_quote(text[1:]) else text
+
+
 def export_csv(session: Session, target: TextIO | str | Path, status: str | None = None) -> int:
     """Write subscribers as CSV with every field; :func:`import_csv` reads it back unchanged.
+
+    A value that a spreadsheet would run as a formula gets a leading ``'``
+    (:func:`csv_cell`), which :func:`import_csv` takes off again.
 
     A path is written whole or not at all (a temporary file renamed into place).
     Returns the number of subscribers written.
@@ -271,7 +294,7 @@ def export_csv(session: Session, target: TextIO | str | Path, status: str | None
     writer.writerow(FIELDS)
     written = 0
     for record in iter_records(session, status):
-        writer.writerow([_cell(record[name]) for name in FIELDS])
+        writer.writerow([csv_cell(_cell(record[name])) for name in FIELDS])
         written += 1
     return written
 

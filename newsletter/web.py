@@ -3,10 +3,11 @@
     GET  /                   the form (plain HTML, works without JavaScript)
     POST /subscribe          double opt-in; the same 303 answer for every address
     GET  /thanks             "check your inbox"
-    GET  /confirm/TOKEN      activates the pending subscriber (HEAD only looks)
+    GET  /confirm/TOKEN      a page with one "Confirm" button; a GET never changes anything
+    POST /confirm/TOKEN      activates the pending subscriber and shows the welcome page
     GET  /unsubscribe/TOKEN  a page with one button; a GET never changes anything
     POST /unsubscribe/TOKEN  unsubscribes at once and answers 200 (RFC 8058 one-click)
-    GET  /healthz            200 when the database answers, else 503
+    GET  /healthz            200 when the database answers with the newest schema, else 503
     GET  /style.css          the pages' only stylesheet (the CSP allows nothing inline)
 
 No cookies, sessions or CSRF tokens, by design. Signup is meant to be posted from
@@ -22,9 +23,10 @@ arrives; only a good token with a method its page has no use for gets a 405.
 
 from __future__ import annotations
 
+import io
 from collections.abc import Callable
 from dataclasses import dataclass
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, urlsplit
 
 from flask import Blueprint, Flask, Response, abort, current_app, g, redirect, render_template
 from flask import request as flask_request
@@ -33,12 +35,15 @@ from werkzeug.middleware.proxy_fix import ProxyFix
 
 from newsletter import signup
 from newsletter.config import Settings, load_settings
+from newsletter.migrate import schema_is_current
 from newsletter.render import template_environment
 from newsletter.store import Store, open_store
 from newsletter.tokens import CONFIRM_MAX_AGE, InvalidToken, Tokens
 
 MAX_BODY_BYTES = 16 * 1024  # a signup is well under 1 KB; anything bigger is not a person
 TOKEN_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
+FORM_TYPES = ("application/x-www-form-urlencoded", "multipart/form-data")
+UTF8_NAMES = ("utf-8", "utf8", "us-ascii", "ascii")
 
 ERRORS = {
     400: ("This link does not work", "The request could not be understood."),
@@ -89,7 +94,7 @@ def create_app(settings: Settings | None = None, store: Store | None = None) -> 
     app.register_blueprint(bp)
     app.register_error_handler(HTTPException, _http_error)
     app.register_error_handler(InvalidToken, _bad_token)
-    app.before_request(_refuse_big_bodies)
+    app.before_request(_check_body)
     app.after_request(_security_headers)
     app.context_processor(lambda: {"list_name": _ctx().settings.list_name})
     if settings.trusted_proxies:
@@ -215,14 +220,16 @@ def _method_answer(*methods: str) -> Response | None:
 @_token_route("/confirm")
 def confirm(token: str) -> Response:
     address = _ctx().tokens.read_confirm(token.rstrip("/"))  # a bad token is a 400 first
-    if (answer := _method_answer("GET", "HEAD")) is not None:
+    if (answer := _method_answer("GET", "HEAD", "POST")) is not None:
         return answer
-    if flask_request.method == "HEAD":  # link checkers probe with HEAD: look, do not touch
-        subscriber = signup.lookup(_ctx().store, address)
-    else:
+    if flask_request.method == "POST":  # the page's button
         subscriber = signup.confirm(_ctx().store, address)
+    else:  # mail scanners and link checkers fetch every link: a GET only shows the button
+        subscriber = signup.lookup(_ctx().store, address)
     if subscriber is None:
         raise InvalidToken("this address is no longer on the list")
+    if subscriber.status == "pending":
+        return _page("web/confirm.html", subscriber=subscriber)
     return _page("web/confirmed.html", subscriber=subscriber)
 
 
@@ -242,9 +249,12 @@ def unsubscribe(token: str) -> Response:
 
 @bp.get("/healthz")
 def healthz() -> Response:
-    if signup.healthy(_ctx().store):
+    """200 only when the database answers and is migrated: a load balancer must not send
+    signups to an app whose tables are missing (a new PostgreSQL database, a failed
+    upgrade)."""
+    if schema_is_current(_ctx().store.engine):
         return Response("ok\n", 200, mimetype="text/plain")
-    return Response("database unavailable\n", 503, mimetype="text/plain")
+    return Response("database unavailable or not migrated\n", 503, mimetype="text/plain")
 
 
 @bp.get("/style.css")
@@ -285,9 +295,51 @@ def _bad_token(exc: InvalidToken) -> Response:
     return _error_page(400, message=message)
 
 
-def _refuse_big_bodies() -> None:
+def _check_body() -> Response | None:
+    """Refuse a body over MAX_BODY_BYTES, and a form that is not UTF-8, before a route
+    reads it: Werkzeug decodes every form as UTF-8, replacing what is not, and ignores a
+    declared charset, so such a form would lose its name or address without a word."""
+    environ = flask_request.environ
+    if not environ.get("CONTENT_LENGTH") and environ.get("wsgi.input_terminated"):
+        _take_chunked_body(environ)  # no Content-Length: Werkzeug would read it unbounded
     if (flask_request.content_length or 0) > MAX_BODY_BYTES:
         abort(413)
+    if flask_request.mimetype not in FORM_TYPES:
+        return None
+    charset = flask_request.mimetype_params.get("charset", "utf-8").strip().lower()
+    problem = None
+    if charset not in UTF8_NAMES:
+        problem = f"The form was sent as {charset.upper()}; this site reads UTF-8 only."
+    else:
+        body = flask_request.get_data(cache=True)  # at most MAX_BODY_BYTES by now
+        try:
+            text = body.decode("utf-8")
+            if flask_request.mimetype == "application/x-www-form-urlencoded":
+                parse_qsl(text, keep_blank_values=True, encoding="utf-8", errors="strict")
+        except UnicodeDecodeError:
+            problem = "The form was not sent as UTF-8, so what you typed cannot be read."
+    if problem is None:
+        return None
+    return _error_page(
+        400,
+        title="That form could not be read",
+        message=f"{problem} Please go back and send it again from the form on this site.",
+    )
+
+
+def _take_chunked_body(environ: dict) -> None:
+    """Read a body sent without Content-Length (chunked) up to one byte over the limit:
+    413 past it, else hand it on as an ordinary body of known length (before anything
+    reads ``request.content_length``, which Werkzeug keeps once read)."""
+    stream, data = environ["wsgi.input"], b""
+    while len(data) <= MAX_BODY_BYTES and (chunk := stream.read(MAX_BODY_BYTES + 1 - len(data))):
+        data += chunk
+    if len(data) > MAX_BODY_BYTES:
+        abort(413)
+    environ["wsgi.input"] = io.BytesIO(data)
+    environ["CONTENT_LENGTH"] = str(len(data))
+    environ.pop("wsgi.input_terminated", None)
+    environ.pop("HTTP_TRANSFER_ENCODING", None)  # else Werkzeug ignores the length
 
 
 def security_headers(settings: Settings, embeddable: bool) -> tuple[tuple[str, str], ...]:

@@ -150,3 +150,95 @@ def test_unknown_option_is_usage_error(runner: CliRunner) -> None:
     result = runner.invoke(main, ["render", "x.md", "--bogus"])
     assert result.exit_code == 2
     assert "No such option" in result.stderr
+
+
+ESCAPE_DIGEST = b"---\ntitle: T\n---\n\nSome \x1b[31mred\x1b[0m text\n"
+ESCAPE_ERROR = "esc.md:5: control character U+001B (ESC) at column 6; a digest is text, remove it"
+
+
+def test_control_character_is_one_line_exit_2_in_check_and_render(
+    runner: CliRunner, clean_env: Path
+) -> None:
+    """An ESC in the text: `check` prints one FILE:LINE line, `render` one error line on
+    stderr; both exit 2 and write nothing."""
+    (clean_env / "esc.md").write_bytes(ESCAPE_DIGEST)
+    checked = runner.invoke(main, ["check", "esc.md"])
+    assert (checked.exit_code, checked.stdout) == (2, f"{ESCAPE_ERROR}\n")
+    rendered = runner.invoke(main, ["render", "esc.md", "-o", "out.html"])
+    assert (rendered.exit_code, rendered.stderr) == (2, f"error: {ESCAPE_ERROR}\n")
+    assert not (clean_env / "out.html").exists()
+
+
+def test_control_character_stops_send_before_anything_happens(
+    db_runner: CliRunner, clean_env: Path
+) -> None:
+    """`send` of a digest with an ESC exits 2 with the same one line and creates no issue."""
+    (clean_env / "esc.md").write_bytes(ESCAPE_DIGEST)
+    assert db_runner.invoke(main, ["subscribers", "add", "ada@example.com"]).exit_code == 0
+    result = db_runner.invoke(main, ["send", "esc.md", "--yes"])
+    assert (result.exit_code, result.stderr) == (2, f"error: {ESCAPE_ERROR}\n")
+    listed = db_runner.invoke(main, ["issues", "list", "--format", "json"])
+    assert listed.exit_code == 0 and listed.stdout.strip() == "[]"
+
+
+LINES_DIGEST = """---
+title: Lines
+---
+Mention `<script>` and\u2028 [a bad link](javascript:void(0)) here.
+
+```html
+<script>in a code block</script>
+```
+
+<script>alert(1)</script>
+
+Again [the same bad link](javascript:void(0)).
+
+<p>fine</p> <p onclick="x()">one</p>
+
+![chart](missing.png) and ![chart](missing.png)
+
+![chart](missing.png)
+"""
+
+
+def test_check_reports_every_finding_at_its_own_file_line(
+    runner: CliRunner, clean_env: Path
+) -> None:
+    """Line numbers are the file's for every finding: a repeated link or image is reported
+    at each of its lines, a tag mentioned in code is not mistaken for the real one, and a
+    U+2028 inside a line does not shift the lines after it."""
+    (clean_env / "lines.md").write_text(LINES_DIGEST, "utf-8")
+    result = runner.invoke(main, ["check", "lines.md"])
+    assert result.exit_code == 1
+    found = [
+        (int(line.split(":")[1]), line.split(": ", 2)[2]) for line in result.stdout.splitlines()
+    ]
+    image = "image 'missing.png' cannot be resolved"
+    assert [(line, message[:38]) for line, message in found] == [
+        (4, "link 'javascript:void(0)' is not http("),
+        (10, "removed <script>"),
+        (12, "link 'javascript:void(0)' is not http("),
+        (14, "removed onclick attribute from <p>"),
+        (16, image),
+        (16, image),
+        (18, image),
+    ]
+
+
+def test_check_refuses_an_oversized_or_too_deeply_nested_digest(
+    runner: CliRunner, clean_env: Path
+) -> None:
+    """A digest over the size limit, or nesting lists deeper than Python-Markdown can
+    recurse, is one `check` line naming the file, exit 2, never a traceback."""
+    from newsletter.digest import MAX_DIGEST_BYTES
+
+    (clean_env / "big.md").write_text("# Big\n\n" + "x" * (MAX_DIGEST_BYTES + 10240), "utf-8")
+    (clean_env / "deep.md").write_text("# Deep\n\n" + "1. " * 3000 + "\n", "utf-8")
+    result = runner.invoke(main, ["check", "big.md", "deep.md"])
+    assert result.exit_code == 2
+    assert result.stdout.splitlines() == [
+        f"big.md: {MAX_DIGEST_BYTES // 1024 + 10} KB; a digest may have {MAX_DIGEST_BYTES // 1024} "
+        "KB at most (Gmail clips an email at 102 KB): split it",
+        "deep.md: lists or quotes nest too deeply to render; flatten them",
+    ]

@@ -202,3 +202,35 @@ def test_non_ascii_from_name(env: CliRunner, smtp_sink, monkeypatch: pytest.Monk
     parsed = email.message_from_bytes(smtp_sink.messages[0].data, policy=email.policy.default)
     assert str(parsed["From"]) == "Élias Nema <elias@example.com>"
     assert str(parsed["Reply-To"]) == "Zoë <zoe@example.com>"
+
+
+def test_sample_subscriber_without_a_name_is_not_greeted_with_a_blank(
+    db_runner: CliRunner, smtp_sink, clean_env: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The quick start's digest sent to the sample list: linus (no name) gets no greeting,
+    everyone else "Hi NAME,"; nobody gets "Hi ,"."""
+    root = Path(__file__).resolve().parents[1]
+    for name, value in smtp_sink.env().items():
+        monkeypatch.setenv(name, value)
+    shutil.copytree(root / "digests", clean_env / "digests")
+    imported = db_runner.invoke(
+        main, ["subscribers", "import", str(root / "subscribers" / "sample.csv")]
+    )
+    assert imported.exit_code == 0, imported.output
+    sent = db_runner.invoke(main, ["send", "digests/2026-11-20-weekly-links.md", "--yes"])
+    assert sent.exit_code == 0, sent.output
+    greetings = {}
+    for message in smtp_sink.messages:
+        parsed = email.message_from_bytes(message.data, policy=email.policy.default)
+        text = parsed.get_body(("plain",)).get_content()
+        assert "Hi ," not in text and "Hi ," not in parsed.get_body(("html",)).get_content()
+        greetings[message.recipients[0]] = [
+            line for line in text.splitlines() if line.startswith("Hi ")
+        ]
+    assert greetings == {
+        "ada@example.com": ["Hi Ada Lovelace,"],
+        "grace@example.org": ["Hi Grace Hopper,"],
+        "linus@example.com": [],
+        "zoe@example.org": ["Hi Zoë Łukasiewicz-Müller,"],
+        "katherine@example.com": ["Hi Johnson, Katherine,"],
+    }

@@ -192,3 +192,75 @@ def test_list_as_title_names_its_line() -> None:
     """A title that is not text names its line too."""
     with pytest.raises(DigestError, match=r"^d\.md:3: front matter field 'title' must be text$"):
         parse_digest("---\nauthor: me\ntitle: [a, b]\n---\nbody\n", "d.md")
+
+
+@pytest.mark.parametrize(
+    ("char", "shown"),
+    [
+        ("\x1b", "U+001B (ESC)"),
+        ("\x00", "U+0000 (NUL)"),
+        ("\x07", "U+0007 (BEL)"),
+        ("\x0b", "U+000B (VT)"),
+        ("\x0c", "U+000C (FF)"),
+        ("\x1c", "U+001C (FS)"),
+        ("\ufffe", "U+FFFE"),
+    ],
+)
+def test_control_characters_in_the_text_are_one_line_at_their_line(char: str, shown: str) -> None:
+    """A control character lxml cannot hold (ESC from a terminal, a form feed) is a
+    DigestError naming the file, its line and column, never a ValueError from lxml."""
+    text = f"---\ntitle: T\n---\n\nline five\n\nred {char}[31m here\n"
+    with pytest.raises(DigestError) as info:
+        parse_digest(text, "news/d.md")
+    assert str(info.value) == (
+        f"news/d.md:7: control character {shown} at column 5; a digest is text, remove it"
+    )
+
+
+def test_control_characters_in_other_front_matter_fields_name_the_field() -> None:
+    """A YAML escape that makes a control character in a field the template shows (author)
+    is refused at the field's line."""
+    with pytest.raises(DigestError) as info:
+        parse_digest('---\ntitle: T\nauthor: "Ada\\e[1m"\n---\nbody\n', "d.md")
+    assert (
+        str(info.value)
+        == "d.md:3: front matter field 'author': control character U+001B (ESC); remove it"
+    )
+
+
+def test_tabs_crlf_and_lone_cr_are_line_ends_not_errors() -> None:
+    """Tabs, CRLF and old Mac CR line ends are ordinary text; U+2028 and U+2029 are
+    characters inside a line, not line breaks that would shift line numbers."""
+    digest = parse_digest("# T\r\n\r\na\tb\rc \u2029 d \u2028 e\rlast ‚Äî\n", "d.md")
+    assert digest.body.splitlines()[3].startswith("c ")
+    assert [finding.line for finding in digest.findings] == [5]
+
+
+def test_line_finder_gives_each_occurrence_its_own_line() -> None:
+    """Asking for the same needle again finds its next occurrence (two on one line count
+    twice), code is never searched, and past the last one it starts from the top."""
+    digest = parse_digest("---\ntitle: T\n---\nA <B> and <b>\n```\n<b>\n```\n`<b>` then <B>\n")
+    finder = digest.lines()
+    assert [finder.line("<b>") for _ in range(4)] == [4, 4, 8, 4]
+    assert finder.line("absent", "then") == 8
+    assert finder.line("absent") == digest.body_line == 4
+
+
+def test_digest_over_the_size_limit_is_refused_naming_the_file(tmp_path: Path) -> None:
+    """A digest over MAX_DIGEST_BYTES is a one-line DigestError with the file and its size,
+    read no further than the limit (a device or FIFO that never ends is refused too)."""
+    from newsletter.digest import MAX_DIGEST_BYTES
+
+    path = tmp_path / "huge.md"
+    path.write_text("# Huge\n\n" + "word " * (MAX_DIGEST_BYTES // 5 + 4096), "utf-8")
+    limit = MAX_DIGEST_BYTES // 1024
+    with pytest.raises(
+        DigestError, match=rf"^{re.escape(str(path))}: \d+ KB; .* {limit} KB at most"
+    ):
+        load_digest(path)
+    with pytest.raises(DigestError, match=rf"^d\.md: \d+ KB; .* {limit} KB at most"):
+        parse_digest(path.read_text("utf-8"), "d.md")
+    with pytest.raises(DigestError, match=rf"^/dev/zero: over {limit} KB; "):
+        load_digest("/dev/zero")
+    fits = "# Fits\n\n" + "é" * ((MAX_DIGEST_BYTES - 10) // 2)
+    assert parse_digest(fits).subject == "Fits"

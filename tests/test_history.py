@@ -133,7 +133,8 @@ def test_unreadable_sqlite_database_is_one_warning(runner: CliRunner, clean_env:
     assert result.exit_code == 1, result.output  # the images beside it are missing
     warnings = result.stderr.splitlines()
     assert len(warnings) == 1
-    assert warnings[0].startswith("warning: NEWSLETTER_DATABASE_URL: cannot read ")
+    assert warnings[0].startswith("warning: NEWSLETTER_DATABASE_URL: ")
+    assert "not an SQLite database" in warnings[0]
     assert warnings[0].endswith("links of earlier issues not compared")
     assert "new.md:10: warning: image 'diagram.png' has no alt text" in result.stdout
 

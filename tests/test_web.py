@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import email
 import email.policy
+import http.client
+import io
 import re
 import socket
 import time
@@ -16,6 +18,7 @@ from flask import Flask
 from flask.testing import FlaskClient
 from itsdangerous import TimestampSigner, URLSafeTimedSerializer
 from sqlalchemy import select, text
+from werkzeug.test import EnvironBuilder
 
 from newsletter import signup, subscribers
 from newsletter.cli import main
@@ -374,22 +377,35 @@ def test_origin_settings_are_validated(clean_env) -> None:
 
 
 def test_confirmation_link_activates(client: FlaskClient, store: Store) -> None:
-    """The link in the queued confirmation activates the subscriber."""
+    """The link in the queued confirmation shows a page whose one button POSTs back to
+    it; that POST activates the subscriber and shows the welcome page."""
     _post(client, email="ada@example.com", name="Ada")
     [mail] = _mails(store)
-    response = client.get(_link(mail))
-    assert response.status_code == 200
+    page = client.get(_link(mail))
+    assert page.status_code == 200
+    assert '<form method="post">' in _page_text(page) and _page_text(page).count("<button") == 1
+    assert "ada@example.com" in _page_text(page)
+    assert _status(store, "ada@example.com") == "pending"
+    response = client.post(_link(mail))
+    assert response.status_code == 200 and "Location" not in response.headers
     assert "You’re subscribed, Ada!" in _page_text(response)
     assert _status(store, "ada@example.com") == "active"
-    assert client.get(_link(mail)).status_code == 200  # a second click is harmless
+    assert client.post(_link(mail)).status_code == 200  # a second press is harmless
+    again = client.get(_link(mail))  # and the link now says so, still changing nothing
+    assert "You’re subscribed, Ada!" in _page_text(again) and "<form" not in _page_text(again)
     assert _status(store, "ada@example.com") == "active"
 
 
-@sqlite_only
-def test_head_on_a_confirmation_link_changes_nothing(client: FlaskClient, store: Store) -> None:
-    """Link checkers probe with HEAD; only a real visit confirms."""
+@pytest.mark.parametrize("method", ["GET", "HEAD"])
+def test_get_or_head_on_a_confirmation_link_changes_nothing(
+    client: FlaskClient, store: Store, method: str
+) -> None:
+    """Mail scanners fetch every link (GET) and link checkers probe (HEAD): however often,
+    the subscriber stays pending."""
     _post(client, email="ada@example.com")
-    assert client.head(_link(_mails(store)[0])).status_code == 200
+    link = _link(_mails(store)[0])
+    for _ in range(3):
+        assert client.open(link, method=method).status_code == 200
     assert _status(store, "ada@example.com") == "pending"
 
 
@@ -400,8 +416,8 @@ def test_old_confirmation_link_never_resubscribes(client: FlaskClient, store: St
     _add(store, "ada@example.com", "active")
     with store.begin() as session:
         subscribers.remove(session, "ada@example.com")
-    response = client.get(link)
-    assert response.status_code == 200 and "not subscribed" in _page_text(response)
+    for response in (client.get(link), client.post(link)):
+        assert response.status_code == 200 and "not subscribed" in _page_text(response)
     assert _status(store, "ada@example.com") == "unsubscribed"
 
 
@@ -425,12 +441,16 @@ BAD_TOKENS = {
 
 
 @sqlite_only
+@pytest.mark.parametrize("method", ["GET", "POST"])
 @pytest.mark.parametrize("kind", [*BAD_TOKENS, "expired"])
-def test_bad_confirm_token_is_a_friendly_400(client: FlaskClient, store: Store, kind: str) -> None:
-    """A forged, expired, malformed or unsubscribe token on /confirm is a 400 page."""
+def test_bad_confirm_token_is_a_friendly_400(
+    client: FlaskClient, store: Store, kind: str, method: str
+) -> None:
+    """A forged, expired, malformed or unsubscribe token on /confirm, shown or pressed,
+    is a 400 page and confirms nobody."""
     _add(store, "ada@example.com", "pending")
     token = _expired_confirm_token("ada@example.com") if kind == "expired" else BAD_TOKENS[kind]
-    response = client.get(f"/confirm/{token}")
+    response = client.open(f"/confirm/{token}", method=method)
     page = _page_text(response)
     assert response.status_code == 400 and response.mimetype == "text/html"
     assert "Traceback" not in page and "<h1>" in page
@@ -502,12 +522,15 @@ def test_bad_token_is_a_friendly_400_whatever_the_method(
 
 
 def test_trailing_slash_on_good_links_works(client: FlaskClient, store: Store) -> None:
-    """A mail client or a person adding a slash to a good link changes nothing: confirm
-    activates, the unsubscribe page shows its button and its POST unsubscribes."""
+    """A mail client or a person adding a slash to a good link changes nothing: the
+    confirm page shows its button and its POST activates, the unsubscribe page shows its
+    button and its POST unsubscribes."""
     _add(store, "ada@example.com", "pending")
-    assert client.head(f"/confirm/{TOKENS.confirm_token('ada@example.com')}/").status_code == 200
+    confirm_url = f"/confirm/{TOKENS.confirm_token('ada@example.com')}/"
+    assert client.head(confirm_url).status_code == 200
+    assert '<form method="post">' in _page_text(client.get(confirm_url))
     assert _status(store, "ada@example.com") == "pending"
-    confirmed = client.get(f"/confirm/{TOKENS.confirm_token('ada@example.com')}/")
+    confirmed = client.post(confirm_url)
     assert confirmed.status_code == 200 and "subscribed" in _page_text(confirmed)
     assert _status(store, "ada@example.com") == "active"
     url = f"/unsubscribe/{TOKENS.unsubscribe_token('ada@example.com')}/"
@@ -524,10 +547,9 @@ def test_trailing_slash_on_good_links_works(client: FlaskClient, store: Store) -
 @pytest.mark.parametrize(
     ("route", "method", "allow"),
     [
-        ("confirm", "POST", "GET, HEAD, OPTIONS"),
-        ("confirm", "PUT", "GET, HEAD, OPTIONS"),
-        ("confirm", "PATCH", "GET, HEAD, OPTIONS"),
-        ("confirm", "DELETE", "GET, HEAD, OPTIONS"),
+        ("confirm", "PUT", "GET, HEAD, POST, OPTIONS"),
+        ("confirm", "PATCH", "GET, HEAD, POST, OPTIONS"),
+        ("confirm", "DELETE", "GET, HEAD, POST, OPTIONS"),
         ("unsubscribe", "PUT", "GET, HEAD, POST, OPTIONS"),
         ("unsubscribe", "PATCH", "GET, HEAD, POST, OPTIONS"),
         ("unsubscribe", "DELETE", "GET, HEAD, POST, OPTIONS"),
@@ -557,7 +579,7 @@ def test_options_on_a_good_link_names_the_methods(client: FlaskClient, store: St
     """OPTIONS on a genuine link answers 204 with Allow and changes nothing."""
     _add(store, "ada@example.com", "pending")
     confirm = client.options(f"/confirm/{TOKENS.confirm_token('ada@example.com')}")
-    assert (confirm.status_code, confirm.headers["Allow"]) == (204, "GET, HEAD, OPTIONS")
+    assert (confirm.status_code, confirm.headers["Allow"]) == (204, "GET, HEAD, POST, OPTIONS")
     unsubscribe = client.options(f"/unsubscribe/{TOKENS.unsubscribe_token('ada@example.com')}")
     assert unsubscribe.status_code == 204
     assert unsubscribe.headers["Allow"] == "GET, HEAD, POST, OPTIONS"
@@ -567,8 +589,11 @@ def test_options_on_a_good_link_names_the_methods(client: FlaskClient, store: St
 @sqlite_only
 def test_confirm_link_of_a_purged_address_is_a_400(client: FlaskClient, store: Store) -> None:
     """A genuine link whose address was erased meanwhile is a friendly 400, not a crash."""
-    response = client.get(f"/confirm/{TOKENS.confirm_token('gone@example.com')}")
-    assert response.status_code == 400 and "no longer on the list" in _page_text(response)
+    for method in ("GET", "POST"):
+        response = client.open(
+            f"/confirm/{TOKENS.confirm_token('gone@example.com')}", method=method
+        )
+        assert response.status_code == 400 and "no longer on the list" in _page_text(response)
 
 
 # Markup in names -----------------------------------------------------------------------
@@ -590,7 +615,7 @@ def test_name_with_markup_is_escaped_everywhere(client: FlaskClient, store: Stor
     )
     for piece in ("<script", "alert(", "&lt;script", "Ada &", "Ada &amp;", '"Co"'):
         assert piece not in everything
-    confirmed = _page_text(client.get(_link(mail)))
+    confirmed = _page_text(client.post(_link(mail)))
     assert "<script>" not in confirmed and "<b>" not in confirmed
     assert "&lt;b&gt;Ada &amp; &#34;Co&#34;&lt;/b&gt;" in confirmed
 
@@ -648,6 +673,26 @@ def test_unsubscribe_keeps_a_bounce(client: FlaskClient, store: Store) -> None:
 
 
 # Health and errors ---------------------------------------------------------------------
+
+
+def test_healthz_wants_the_newest_schema(web_settings: Settings, database_url: str) -> None:
+    """A database that answers but has no tables (a new PostgreSQL database) is a 503, as is
+    one at a revision this version does not know; migrated to the newest, a 200."""
+    from newsletter.migrate import upgrade
+
+    bare = Store(make_engine(database_url))
+    try:
+        health = create_app(web_settings, bare).test_client()
+        with bare.engine.connect() as connection:
+            assert connection.execute(text("SELECT 1")).scalar() == 1  # it does answer
+        assert health.get("/healthz").status_code == 503
+        upgrade(bare.engine)
+        assert health.get("/healthz").status_code == 200
+        with bare.engine.begin() as connection:
+            connection.execute(text("UPDATE alembic_version SET version_num = 'fffffffffff'"))
+        assert health.get("/healthz").status_code == 503
+    finally:
+        bare.close()
 
 
 @sqlite_only
@@ -717,3 +762,100 @@ def test_serve_on_a_busy_port_is_a_one_line_error(runner: CliRunner) -> None:
         result = runner.invoke(main, ["serve", "--port", str(port)])
     assert result.exit_code == 2
     assert result.stderr == f"error: cannot listen on 127.0.0.1:{port}: Address already in use\n"
+
+
+# Request bodies --------------------------------------------------------------------------
+
+FORM = "application/x-www-form-urlencoded"
+
+
+def _raw_post(
+    app: Flask, body: bytes, content_type: str = FORM, chunked: bool = False
+) -> tuple[int, str]:
+    """POST ``body`` to /subscribe straight through WSGI (the test client would rebuild
+    the environ); ``chunked``: without Content-Length, as gunicorn hands on a chunked
+    request (``wsgi.input_terminated``). Returns the status code and the page."""
+    environ = EnvironBuilder(path="/subscribe", method="POST").get_environ()
+    environ.update(
+        {"wsgi.input": io.BytesIO(body), "CONTENT_TYPE": content_type, "REMOTE_ADDR": "192.0.2.7"}
+    )
+    if chunked:
+        environ |= {"wsgi.input_terminated": True, "HTTP_TRANSFER_ENCODING": "chunked"}
+        environ.pop("CONTENT_LENGTH", None)
+    else:
+        environ["CONTENT_LENGTH"] = str(len(body))
+    status: list[str] = []
+    page = b"".join(app.wsgi_app(environ, lambda line, headers: status.append(line)))
+    return int(status[0].split()[0]), page.decode("utf-8")
+
+
+@sqlite_only
+def test_a_chunked_body_is_held_to_the_same_limit(app: Flask, store: Store) -> None:
+    """A body without Content-Length is read up to the 16 KB limit: past it a 413 page and
+    nobody stored; within it the form is read whole."""
+    big = b"email=bob%40example.com&name=" + b"x" * 20_000
+    status, page = _raw_post(app, big, chunked=True)
+    assert status == 413 and "That was too much" in page
+    assert _status(store, "bob@example.com") is None
+    status, _ = _raw_post(app, b"email=ada%40example.com&name=Ada", chunked=True)
+    assert status == 303 and _status(store, "ada@example.com") == "pending"
+
+
+@sqlite_only
+@pytest.mark.parametrize(
+    ("body", "content_type", "says"),
+    [
+        (b"email=zoe%40example.com&name=Zo%EB", f"{FORM}; charset=iso-8859-1", "ISO-8859-1"),
+        (b"email=zoe%40example.com&name=Zo%EB", FORM, "not sent as UTF-8"),
+        (b"email=zoe%40example.com&name=Zo\xeb", FORM, "not sent as UTF-8"),
+        ("email=zoe%40example.com".encode("utf-16"), f"{FORM}; charset=utf-16", "UTF-16"),
+        (
+            b'--B\r\nContent-Disposition: form-data; name="email"\r\n\r\nzoe@example.com\r\n'
+            b'--B\r\nContent-Disposition: form-data; name="name"\r\n\r\nZo\xeb\r\n--B--\r\n',
+            "multipart/form-data; boundary=B",
+            "not sent as UTF-8",
+        ),
+    ],
+    ids=["declared-latin-1", "percent-latin-1", "raw-latin-1", "utf-16", "multipart-latin-1"],
+)
+def test_a_form_not_in_utf8_is_a_clear_400(
+    app: Flask, store: Store, body: bytes, content_type: str, says: str
+) -> None:
+    """A form in another charset, or with bytes that are not UTF-8, is a 400 page saying
+    so (Werkzeug would have replaced the name's letters or dropped the field), and nobody
+    is stored; a UTF-8 name goes through, chunked or not."""
+    for chunked in (False, True):
+        status, page = _raw_post(app, body, content_type, chunked)
+        assert status == 400 and "That form could not be read" in page
+        assert says in page and "Traceback" not in page
+    assert _status(store, "zoe@example.com") is None
+    fine = b"email=zoe%40example.com&name=Zo%C3%AB"
+    assert _raw_post(app, fine, f"{FORM}; charset=UTF-8", chunked=True)[0] == 303
+    with store.session() as session:
+        assert subscribers.get(session, "zoe@example.com").name == "Zoë"
+
+
+def test_chunked_bodies_through_the_real_server(server) -> None:
+    """Through gunicorn: a chunked signup is read whole, a chunked 100 KB body is a 413."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(server.url)
+
+    def chunked(chunks: list[bytes]) -> int:
+        connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=10)
+        try:
+            connection.request(
+                "POST",
+                "/subscribe",
+                body=iter(chunks),
+                headers={"Content-Type": FORM},
+                encode_chunked=True,
+            )
+            return connection.getresponse().status
+        finally:
+            connection.close()
+
+    assert chunked([b"email=ada%40example", b".com&name=Ada"]) == 303
+    assert server.status("ada@example.com") == "pending"
+    assert chunked([b"email=bob%40example.com&name="] + [b"x" * 1000] * 100) == 413
+    assert server.status("bob@example.com") is None
