@@ -23,7 +23,7 @@ class ConfigError(NewsletterError):
 
 
 class DigestError(NewsletterError):
-    """A digest cannot be read or rendered; the message names the file and line."""
+    """A digest cannot be read or rendered; the message starts with the file (and line)."""
 
 
 class InputError(NewsletterError):

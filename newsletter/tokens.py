@@ -16,7 +16,11 @@ CONFIRM_MAX_AGE = 7 * 24 * 3600
 
 
 class InvalidToken(Exception):
-    """A token that is forged, malformed or expired; the web app answers 400."""
+    """A token that is forged, malformed or expired (``expired``); the web app answers 400."""
+
+    def __init__(self, reason: str, *, expired: bool = False) -> None:
+        super().__init__(reason)
+        self.expired = expired
 
 
 class Tokens:
@@ -57,7 +61,7 @@ class Tokens:
         try:
             value = loader(token)
         except SignatureExpired:
-            raise InvalidToken("this link has expired") from None
+            raise InvalidToken("this link has expired", expired=True) from None
         except (BadSignature, UnicodeError, ValueError, TypeError):
             raise InvalidToken("this link is not valid") from None
         if not isinstance(value, str) or "@" not in value:

@@ -290,7 +290,7 @@ def _http_error(exc: HTTPException) -> Response:
 def _bad_token(exc: InvalidToken) -> Response:
     reason = str(exc)
     message = f"Sorry, {reason}."
-    if "expired" in reason:
+    if exc.expired:
         message += " Sign up again to get a fresh confirmation link."
     return _error_page(400, message=message)
 

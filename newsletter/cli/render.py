@@ -76,8 +76,7 @@ def check(digests: tuple[Path, ...], fetch_links: bool, timeout: float) -> None:
         digests, config, sent=sent, fetch_links=fetch_links, timeout=timeout
     ):
         if result.error is not None:
-            path, exc = result.path, result.error
-            click.echo(f"{exc}" if str(exc).startswith(str(path)) else f"{path}: {exc}")
+            click.echo(str(result.error))  # a DigestError names its file and line
             worst = 2
             continue
         for finding in result.findings:
