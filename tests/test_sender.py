@@ -400,7 +400,8 @@ def test_a_greylisted_recipient_does_not_slow_the_send(store, smtp_sink, tmp_pat
     smtp_sink.fail("rcpt", "451 4.7.1 greylisted, try again", recipients=[addresses[3]], times=1)
     settings = _settings(tmp_path, **smtp_sink.env())
     notes: list[tuple[int, object]] = []
-    sender = Sender(store, settings, options=FAST, on_waiting=lambda *note: notes.append(note))
+    waits = SendOptions(batch_size=10, retry_base=1.5, retry_max=1.5, idle_poll=0.05)
+    sender = Sender(store, settings, options=waits, on_waiting=lambda *note: notes.append(note))
     report = sender.run(_start(store, settings, tmp_path))
     assert report.finished and report.sent == 20 and report.retried == 1
     assert sender.pacer.throttles == 0
