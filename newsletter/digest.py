@@ -69,6 +69,10 @@ class Digest:
     def title(self) -> str:
         return " ".join(str(self.meta.get("title") or self.subject).split())
 
+    def field_line(self, key: str) -> int:
+        """File line of front matter field ``key``, for an error about its value."""
+        return _field_line(self.source.splitlines(), self.body_line - 1, key)
+
     def line_of(self, needle: str) -> int:
         """File line number of the first body line containing ``needle`` (body start if none)."""
         for offset, text in enumerate(self.body.splitlines()):

@@ -41,6 +41,7 @@ from pathlib import Path
 
 from sqlalchemy import (
     BigInteger,
+    Boolean,
     CheckConstraint,
     DateTime,
     Dialect,
@@ -59,6 +60,7 @@ from sqlalchemy import (
     insert,
     select,
     text,
+    true,
 )
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import IntegrityError, OperationalError
@@ -173,6 +175,14 @@ class Issue(Base):
     failed_count: Mapped[int] = mapped_column(default=0, server_default="0")
     # The rendered email (JSON: subject, html, text, inline images) every delivery is made from.
     rendered: Mapped[bytes | None] = mapped_column(LargeBinary)
+    # Its archive page: the name in its URL (shared by a digest's sends; None: no page), whether
+    # it is shown, when that last changed (the Last-Modified of the archive's pages), and what
+    # it shows (JSON, newsletter.archive's: title, content, images).
+    archive_slug: Mapped[str | None] = mapped_column(String(120), index=True)
+    archived: Mapped[bool] = mapped_column(Boolean, default=True, server_default=true())
+    archive_updated_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+    archive_page: Mapped[bytes | None] = mapped_column(LargeBinary)
+    preheader: Mapped[str | None] = mapped_column(Text)
 
 
 class Delivery(Base):

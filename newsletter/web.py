@@ -87,6 +87,9 @@ def create_app(settings: Settings | None = None, store: Store | None = None) -> 
         {embeddable: security_headers(settings, embeddable) for embeddable in (False, True)},
     )
     app.register_blueprint(bp)
+    from newsletter.web_archive import bp as archive_bp  # it builds on this module
+
+    app.register_blueprint(archive_bp)
     app.register_error_handler(HTTPException, _http_error)
     app.register_error_handler(InvalidToken, _bad_token)
     app.before_request(_refuse_big_bodies)
@@ -290,14 +293,16 @@ def _refuse_big_bodies() -> None:
         abort(413)
 
 
-def security_headers(settings: Settings, embeddable: bool) -> tuple[tuple[str, str], ...]:
+def security_headers(
+    settings: Settings, embeddable: bool, images: str = "'self' data:"
+) -> tuple[tuple[str, str], ...]:
     """The headers every answer carries; ``embeddable`` pages (the form, its thank-you
     page) may be framed by the sites in ``NEWSLETTER_FRAME_ANCESTORS``, if any."""
     embeddable = embeddable and bool(settings.frame_ancestors)
     ancestors = " ".join(settings.frame_ancestors) if embeddable else "'none'"
     form_action = " ".join(("'self'", *settings.allowed_redirects))
     csp = (
-        "default-src 'none'; style-src 'self'; img-src 'self' data:; "
+        f"default-src 'none'; style-src 'self'; img-src {images}; "
         f"form-action {form_action}; frame-ancestors {ancestors}; base-uri 'none'"
     )
     headers = [("Content-Security-Policy", csp)]
@@ -312,7 +317,7 @@ def security_headers(settings: Settings, embeddable: bool) -> tuple[tuple[str, s
 
 
 def _security_headers(response: Response) -> Response:
-    for name, value in _ctx().headers[g.get("embeddable", False)]:
+    for name, value in g.get("security_headers") or _ctx().headers[g.get("embeddable", False)]:
         response.headers[name] = value
     response.headers.setdefault("Cache-Control", "no-store")
     return response
