@@ -105,15 +105,15 @@ def test_archive_off_means_no_archive_link() -> None:
 
 
 def test_the_email_carries_the_view_link_at_the_top_of_both_parts() -> None:
-    """"View in browser" comes first in the HTML body (after the preheader) and the text."""
+    """ "View in browser" comes first in the HTML body (after the preheader) and the text."""
     issue = render_issue(_digest('title: "T"\ndescription: Pre', body="Hi {{ name }}\n"), SETTINGS)
     url = "https://news.example.com/archive/2026-11-20-weekly-links"
     assert issue.text.startswith(f"View in browser: {url}\n")
     view = issue.html.index(f'href="{url}"')
     assert issue.html.index("Pre") < view < issue.html.index("T</h1>")
-    assert "View in browser" not in render_issue(
-        _digest('title: "T"\narchive: false'), SETTINGS
-    ).html
+    assert (
+        "View in browser" not in render_issue(_digest('title: "T"\narchive: false'), SETTINGS).html
+    )
 
 
 def test_a_new_slug_moves_the_link_and_nothing_else() -> None:
