@@ -37,11 +37,10 @@ from newsletter.config import Settings
 from newsletter.errors import ConfigError, InputError
 from newsletter.permalink import SLUG, archive_url
 from newsletter.render import PERSONAL_FIELDS, Personalizer, RenderedIssue, template_environment
-from newsletter.store import Issue, Store, utcnow
+from newsletter.store import ArchivePage, Issue, Store, utcnow
 
 PAGE_SIZE = 20  # issues per page of /archive
 FEED_ENTRIES = 20  # newest issues in the feed
-SHOWN_STATUSES = ("sending", "sent")  # went (or is going) to subscribers
 # What a page shows for a personal field: "Hi {{ name }}," reads "Hi reader,".
 NEUTRAL = dict.fromkeys(PERSONAL_FIELDS, "") | {"name": "reader"}
 ASSETS = "@@NL_ARCHIVE_ASSETS@@/"  # in a stored page body: where the issue's images are
@@ -60,37 +59,39 @@ def place(
     content_hash: str,
     previous: Issue | None,
 ) -> tuple[RenderedIssue, dict[str, object]]:
-    """The rendered issue with its archive link final, and the archive columns of its new
-    issue row. Runs in the transaction that creates the issue, under the lock that orders
-    issue creation, so two digests never take one slug.
+    """The rendered issue with its archive link final, and what its new issue row gets
+    for the archive (its page). Runs in the transaction that creates the issue, under the
+    lock that orders issue creation, so two digests never take one slug.
 
     ``previous`` is the earlier send of the same digest (file name or content), whose
     page this send takes over.
     """
     page = rendered.page
     if page is None:
-        return rendered, {"preheader": rendered.preheader}
-    if previous is not None and previous.archive_slug:
-        slug = previous.archive_slug
+        return rendered, {}
+    earlier = previous.archive_page if previous is not None else None
+    if earlier is not None:
+        slug = earlier.slug
     else:
         slug = _free_slug(session, page.slug, digest_name, content_hash)
     rendered = rendered.with_slug(slug)
-    return rendered, {
-        "archive_slug": slug,
-        "archived": page.listed,
-        "archive_updated_at": utcnow(),
-        "archive_page": page_blob(rendered),
-        "preheader": rendered.preheader,
-    }
+    archive_page = ArchivePage(
+        slug=slug,
+        archived=page.listed,
+        updated_at=utcnow(),
+        preheader=rendered.preheader,
+        content=page_blob(rendered),
+    )
+    return rendered, {"archive_page": archive_page}
 
 
 def _free_slug(session: Session, wanted: str, digest_name: str, content_hash: str) -> str:
     """``wanted``, or ``wanted-2``, ``-3``… when another digest's issue has it."""
     same_digest = or_(Issue.digest_name == digest_name, Issue.content_hash == content_hash)
     rows = session.execute(
-        select(Issue.archive_slug, same_digest).where(
-            or_(Issue.archive_slug == wanted, Issue.archive_slug.like(f"{wanted}-%"))
-        )
+        select(ArchivePage.slug, same_digest)
+        .join(Issue, Issue.id == ArchivePage.issue_id)
+        .where(or_(ArchivePage.slug == wanted, ArchivePage.slug.like(f"{wanted}-%")))
     ).all()
     taken = {slug for slug, same in rows if not same}
     slug, number = wanted, 1
@@ -222,27 +223,26 @@ class Content:
         return Markup(self.body.replace(ASSETS, assets))
 
 
-_Newer = aliased(Issue)
+# A page is made with its issue, whose send starts then: every issue with a page went to
+# subscribers. Shown is the newest page of each slug, if it is archived; the list and the
+# feed read this table alone (and its index), not the large rows of ``issues``.
+_Newer = aliased(ArchivePage)
 _SUPERSEDED = exists().where(
-    _Newer.archive_slug == Issue.archive_slug,
-    _Newer.status.in_(SHOWN_STATUSES),
-    _Newer.id > Issue.id,
+    _Newer.slug == ArchivePage.slug, _Newer.issue_id > ArchivePage.issue_id
 )
-# The issues whose pages are shown: sent or sending, the newest send of their slug, archived.
-_VISIBLE = and_(
-    Issue.archive_slug.is_not(None),
-    Issue.status.in_(SHOWN_STATUSES),
-    Issue.archived == true(),
-    ~_SUPERSEDED,
+_VISIBLE = and_(ArchivePage.archived == true(), ~_SUPERSEDED)
+_ENTRY = (
+    select(
+        ArchivePage.issue_id,
+        ArchivePage.slug,
+        Issue.subject,
+        ArchivePage.preheader,
+        func.coalesce(Issue.started_at, Issue.created_at),
+        ArchivePage.updated_at,
+    )
+    .join(Issue, Issue.id == ArchivePage.issue_id)
+    .where(_VISIBLE)
 )
-_ENTRY = select(
-    Issue.id,
-    Issue.archive_slug,
-    Issue.subject,
-    Issue.preheader,
-    func.coalesce(Issue.started_at, Issue.created_at),
-    func.coalesce(Issue.archive_updated_at, Issue.created_at),
-).where(_VISIBLE)
 
 
 def _entry(row) -> Entry:
@@ -252,11 +252,11 @@ def _entry(row) -> Entry:
 def listing(session: Session, page: int | None = 1) -> Listing | None:
     """Page ``page`` of the archive (None: every issue on one page); None when there is
     no such page."""
-    total = session.scalar(select(func.count()).select_from(Issue).where(_VISIBLE)) or 0
+    total = session.scalar(select(func.count()).select_from(ArchivePage).where(_VISIBLE)) or 0
     pages = max(1, math.ceil(total / PAGE_SIZE)) if page is not None else 1
     if page is not None and not 1 <= page <= pages:
         return None
-    query = _ENTRY.order_by(Issue.id.desc())
+    query = _ENTRY.order_by(ArchivePage.issue_id.desc())
     if page is not None:
         query = query.offset((page - 1) * PAGE_SIZE).limit(PAGE_SIZE)
     entries = [_entry(row) for row in session.execute(query)]
@@ -265,30 +265,26 @@ def listing(session: Session, page: int | None = 1) -> Listing | None:
 
 def last_change(session: Session) -> datetime | None:
     """When the archive last changed: an issue added, or one taken out or put back."""
-    return session.scalar(
-        select(func.max(func.coalesce(Issue.archive_updated_at, Issue.created_at))).where(
-            Issue.archive_slug.is_not(None)
-        )
-    )
+    return session.scalar(select(func.max(ArchivePage.updated_at)))
 
 
 def find(session: Session, slug: str) -> Entry | None:
     """The issue shown at ``slug``; None for a name that is not a slug or not shown."""
     if not SLUG.fullmatch(slug):
         return None
-    row = session.execute(_ENTRY.where(Issue.archive_slug == slug)).first()
+    row = session.execute(_ENTRY.where(ArchivePage.slug == slug)).first()
     return _entry(row) if row else None
 
 
 def newest(session: Session) -> Entry | None:
     """The issue sent last that the archive shows."""
-    row = session.execute(_ENTRY.order_by(Issue.id.desc()).limit(1)).first()
+    row = session.execute(_ENTRY.order_by(ArchivePage.issue_id.desc()).limit(1)).first()
     return _entry(row) if row else None
 
 
 def load_content(session: Session, issue_id: int) -> Content:
     """What the page of issue ``issue_id`` shows."""
-    blob = session.scalar(select(Issue.archive_page).where(Issue.id == issue_id))
+    blob = session.scalar(select(ArchivePage.content).where(ArchivePage.issue_id == issue_id))
     if blob is None:
         raise InputError(f"issue {issue_id}: has no archive page")
     return Content.load(blob)
@@ -308,21 +304,21 @@ def set_archived(store: Store, issue_id: int, archived: bool | None) -> Placemen
     """Put the page of issue ``issue_id`` in the archive or take it out (None: only look).
     Every send of the digest shares the page, so the flag is set on all of them."""
     with store.write() as session:
-        issue = session.get(Issue, issue_id)
-        if issue is None:
-            raise InputError(f"issue {issue_id}: no such issue")
-        if issue.archive_slug is None:
+        page = session.get(ArchivePage, issue_id)
+        if page is None:
+            if session.get(Issue, issue_id) is None:
+                raise InputError(f"issue {issue_id}: no such issue")
             raise InputError(f"issue {issue_id}: has no archive page")
         if archived is not None:
             session.execute(
-                update(Issue)
-                .where(Issue.archive_slug == issue.archive_slug)
-                .values(archived=archived, archive_updated_at=utcnow())
+                update(ArchivePage)
+                .where(ArchivePage.slug == page.slug)
+                .values(archived=archived, updated_at=utcnow())
             )
             session.flush()
-            session.refresh(issue)
-        shown = find(session, issue.archive_slug)
-        return Placement(issue_id, issue.archive_slug, issue.archived, shown.id if shown else None)
+            session.refresh(page)
+        shown = find(session, page.slug)
+        return Placement(issue_id, page.slug, page.archived, shown.id if shown else None)
 
 
 # Pages ---------------------------------------------------------------------------------
@@ -459,7 +455,8 @@ class Archive:
         if feed:
             generator.link(href=feed, rel="self", type="application/atom+xml")
         generator.updated(last_change(session) or datetime(1970, 1, 1, tzinfo=UTC))
-        rows = session.execute(_ENTRY.order_by(Issue.id.desc()).limit(FEED_ENTRIES)).all()
+        newest = _ENTRY.order_by(ArchivePage.issue_id.desc()).limit(FEED_ENTRIES)
+        rows = session.execute(newest).all()
         for entry in map(_entry, rows):
             page = self.content(session, entry)
             item = generator.add_entry(order="append")

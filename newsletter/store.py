@@ -64,7 +64,14 @@ from sqlalchemy import (
 )
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import IntegrityError, OperationalError
-from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+from sqlalchemy.orm import (
+    DeclarativeBase,
+    Mapped,
+    Session,
+    mapped_column,
+    relationship,
+    sessionmaker,
+)
 from sqlalchemy.types import TypeDecorator
 
 from newsletter.config import Settings
@@ -175,14 +182,33 @@ class Issue(Base):
     failed_count: Mapped[int] = mapped_column(default=0, server_default="0")
     # The rendered email (JSON: subject, html, text, inline images) every delivery is made from.
     rendered: Mapped[bytes | None] = mapped_column(LargeBinary)
-    # Its archive page: the name in its URL (shared by a digest's sends; None: no page), whether
-    # it is shown, when that last changed (the Last-Modified of the archive's pages), and what
-    # it shows (JSON, newsletter.archive's: title, content, images).
-    archive_slug: Mapped[str | None] = mapped_column(String(120), index=True)
+    # Its page in the web archive, made with it (none for an issue sent before the archive
+    # existed whose email could not be read).
+    archive_page: Mapped[ArchivePage | None] = relationship(
+        cascade="all, delete-orphan", passive_deletes=True
+    )
+
+
+class ArchivePage(Base):
+    """An issue's page in the web archive. Every send of one digest has the same ``slug``;
+    the newest shows, if it is ``archived``. A table of its own, small columns first: the
+    archive's lists scan it, and in SQLite a column behind an issue's rendered email is
+    reached only by reading through the email."""
+
+    __tablename__ = "archive_pages"
+    # What is shown, and when that last changed, read from indexes alone.
+    __table_args__ = (Index(None, "slug", "archived"), Index(None, "updated_at"))
+
+    issue_id: Mapped[int] = mapped_column(
+        ForeignKey("issues.id", ondelete="CASCADE"), primary_key=True
+    )
+    slug: Mapped[str] = mapped_column(String(120))
     archived: Mapped[bool] = mapped_column(Boolean, default=True, server_default=true())
-    archive_updated_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
-    archive_page: Mapped[bytes | None] = mapped_column(LargeBinary)
+    # When the page appeared or was last put in or taken out: the archive's Last-Modified.
+    updated_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
     preheader: Mapped[str | None] = mapped_column(Text)
+    # What it shows (JSON, newsletter.archive's: title, content, images).
+    content: Mapped[bytes] = mapped_column(LargeBinary)
 
 
 class Delivery(Base):

@@ -272,9 +272,9 @@ def test_archive_build_from_the_command_line(sent: CliRunner, clean_env: Path) -
 
 def test_last_modified_is_when_the_issue_went_out(web: FlaskClient, sent: CliRunner) -> None:
     """A page's Last-Modified is its issue's time, not the time of the request."""
-    from newsletter.store import Issue
+    from newsletter.store import ArchivePage
 
     with open_store(load_settings()) as store, store.session() as session:
-        created = session.get(Issue, 1).archive_updated_at
+        created = session.get(ArchivePage, 1).updated_at
     answer = web.get(f"/archive/{SLUG}")
     assert answer.headers["Last-Modified"] == format_datetime(created.replace(microsecond=0), True)

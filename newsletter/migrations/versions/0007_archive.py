@@ -1,6 +1,9 @@
-"""The archive: each issue's page name (slug), whether it is shown, and its preheader.
+"""The archive: each issue's page (its slug, whether it is shown, what it shows).
 
-Issues sent before this version get a slug from their file name (or subject when the
+A table of its own rather than columns of ``issues``: SQLite keeps added columns behind
+the rendered email, and the archive's lists would read through every email to get them.
+
+Issues sent (or being sent) before this version get a slug from their file name (or subject when the
 file name says nothing), the same one for every send of one digest, so the archive
 lists them too; their page is the content of the rendered email kept with them (the
 body cell of the shipped template, without its inline styles, preheader and footer).
@@ -91,28 +94,37 @@ def _page(rendered: bytes | None, subject: str) -> tuple[bytes | None, str | Non
 
 
 def upgrade() -> None:
-    with op.batch_alter_table("issues") as batch:
-        batch.add_column(sa.Column("archive_slug", sa.String(120), nullable=True))
-        batch.add_column(
-            sa.Column("archived", sa.Boolean(), server_default=sa.true(), nullable=False)
-        )
-        batch.add_column(sa.Column("archive_updated_at", sa.DateTime(timezone=True), nullable=True))
-        batch.add_column(sa.Column("archive_page", sa.LargeBinary(), nullable=True))
-        batch.add_column(sa.Column("preheader", sa.Text(), nullable=True))
-        batch.create_index("ix_issues_archive_slug", ["archive_slug"])
+    op.create_table(
+        "archive_pages",
+        sa.Column("issue_id", sa.Integer(), nullable=False),
+        sa.Column("slug", sa.String(120), nullable=False),
+        sa.Column("archived", sa.Boolean(), server_default=sa.true(), nullable=False),
+        sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
+        sa.Column("preheader", sa.Text(), nullable=True),
+        sa.Column("content", sa.LargeBinary(), nullable=False),
+        sa.ForeignKeyConstraint(
+            ["issue_id"],
+            ["issues.id"],
+            name="fk_archive_pages_issue_id_issues",
+            ondelete="CASCADE",
+        ),
+        sa.PrimaryKeyConstraint("issue_id", name="pk_archive_pages"),
+    )
+    op.create_index("ix_archive_pages_slug_archived", "archive_pages", ["slug", "archived"])
+    op.create_index("ix_archive_pages_updated_at", "archive_pages", ["updated_at"])
     connection = op.get_bind()
     rows = connection.execute(
         sa.text(
-            "SELECT id, digest_name, content_hash, subject, status, rendered FROM issues"
-            " ORDER BY id"
+            "SELECT id, digest_name, content_hash, subject, created_at, rendered FROM issues"
+            " WHERE status IN ('sending', 'sent') ORDER BY id"
         )
     ).all()
     by_digest: dict[str, str] = {}
     taken: set[str] = set()
-    update = sa.text(
-        "UPDATE issues SET archive_slug = :slug, archive_page = :page, preheader = :preheader"
-        " WHERE id = :id"
-    )
+    insert = sa.text(
+        "INSERT INTO archive_pages (issue_id, slug, archived, updated_at, preheader, content)"
+        " VALUES (:id, :slug, :archived, :updated_at, :preheader, :content)"
+    ).bindparams(sa.bindparam("archived", type_=sa.Boolean()))
     for row in rows:
         slug = by_digest.get("n:" + row.digest_name) or by_digest.get("h:" + row.content_hash)
         if slug is None:
@@ -123,20 +135,22 @@ def upgrade() -> None:
                 slug = f"{base}-{number}"
             taken.add(slug)
         by_digest["n:" + row.digest_name] = by_digest["h:" + row.content_hash] = slug
-        page, preheader = _page(row.rendered, row.subject)
-        if page is None:
-            slug = None
-        connection.execute(
-            update, {"slug": slug, "page": page, "preheader": preheader, "id": row.id}
-        )
-    op.execute("UPDATE issues SET archive_updated_at = created_at")
+        content, preheader = _page(row.rendered, row.subject)
+        if content is not None:
+            connection.execute(
+                insert,
+                {
+                    "id": row.id,
+                    "slug": slug,
+                    "archived": True,
+                    "updated_at": row.created_at,
+                    "preheader": preheader,
+                    "content": content,
+                },
+            )
 
 
 def downgrade() -> None:
-    with op.batch_alter_table("issues") as batch:
-        batch.drop_index("ix_issues_archive_slug")
-        batch.drop_column("preheader")
-        batch.drop_column("archive_page")
-        batch.drop_column("archive_updated_at")
-        batch.drop_column("archived")
-        batch.drop_column("archive_slug")
+    op.drop_index("ix_archive_pages_updated_at", table_name="archive_pages")
+    op.drop_index("ix_archive_pages_slug_archived", table_name="archive_pages")
+    op.drop_table("archive_pages")
