@@ -297,7 +297,8 @@ def security_headers(
     settings: Settings, embeddable: bool, images: str = "'self' data:"
 ) -> tuple[tuple[str, str], ...]:
     """The headers every answer carries; ``embeddable`` pages (the form, its thank-you
-    page) may be framed by the sites in ``NEWSLETTER_FRAME_ANCESTORS``, if any."""
+    page) may be framed by the sites in ``NEWSLETTER_FRAME_ANCESTORS``, if any; ``images``
+    is where pictures may come from (the archive's pages show the email's)."""
     embeddable = embeddable and bool(settings.frame_ancestors)
     ancestors = " ".join(settings.frame_ancestors) if embeddable else "'none'"
     form_action = " ".join(("'self'", *settings.allowed_redirects))

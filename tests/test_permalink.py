@@ -134,3 +134,15 @@ def test_page_content_has_no_inline_styles_and_keeps_placeholders() -> None:
     page = render_issue(_digest('title: "T"\nauthor: Ann', body=body), SETTINGS).page
     assert "style=" not in page.body and "@@NL_NAME@@" in page.body
     assert page.title == "T" and page.byline == "Ann"
+
+
+def test_check_names_a_bad_archive_field(runner, clean_env: Path) -> None:
+    """`newsletter check` stops at a bad canonical_url with one line and exit 2."""
+    from newsletter.cli import main
+
+    (clean_env / "d.md").write_text('---\ntitle: "T"\ncanonical_url: nope\n---\nHi\n', "utf-8")
+    result = runner.invoke(main, ["check", "d.md"])
+    assert result.exit_code == 2
+    assert result.output == (
+        "d.md:3: front matter field 'canonical_url': 'nope' is not an http(s) URL\n"
+    )
