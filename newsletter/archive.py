@@ -22,6 +22,7 @@ import math
 import os
 import re
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import cached_property
@@ -593,3 +594,110 @@ def _write_if_changed(path: Path, data: bytes) -> bool:
 def etag(data: bytes) -> str:
     """A strong validator of a response body."""
     return hashlib.blake2b(data, digest_size=16).hexdigest()
+
+
+# The served archive ---------------------------------------------------------------------
+
+
+def state(session: Session) -> tuple:
+    """What the archive's lists depend on, read from an index: how many pages there are,
+    how many are archived, and when one last changed. Any change of what is shown
+    changes it."""
+    return tuple(
+        session.execute(
+            select(
+                func.count(),
+                func.count().filter(ArchivePage.archived == true()),
+                func.max(ArchivePage.updated_at),
+            ).select_from(ArchivePage)
+        ).one()
+    )
+
+
+@dataclass(frozen=True)
+class Body:
+    """A finished answer: its bytes, their validator, and when what they show changed."""
+
+    data: bytes
+    modified: datetime | None
+    etag: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "etag", etag(self.data))
+
+
+class Site:
+    """The archive as ``newsletter serve`` answers it. Each page is rendered once for a
+    state of the archive (an issue's page: once for its issue) and kept, so an answer
+    costs the query that finds the key."""
+
+    CACHED = 512
+
+    def __init__(self, archive: Archive) -> None:
+        self.archive = archive
+        self.links = Links(archive.settings.site_url)
+        self._bodies: dict[tuple, Body] = {}
+
+    def _kept(self, key: tuple, make: Callable[[], Body | None]) -> Body | None:
+        body = self._bodies.get(key)
+        if body is None:
+            body = make()
+            if body is not None:
+                if len(self._bodies) >= self.CACHED:
+                    self._bodies.clear()
+                self._bodies[key] = body
+        return body
+
+    def index(self, page: int) -> Body | None:
+        """Page ``page`` of the list; None when there is no such page."""
+
+        with self.archive.store.session() as session:
+
+            def make() -> Body | None:
+                found = listing(session, page)
+                if found is None:
+                    return None
+                html = self.archive.index_page(found, self.links)
+                return Body(html.encode("utf-8"), found.updated_at)
+
+            return self._kept(("index", page, state(session)), make)
+
+    def issue(self, slug: str) -> Body | None:
+        """The page of the issue shown at ``slug``; None when none is."""
+        with self.archive.store.session() as session:
+            entry = find(session, slug)
+            if entry is None:
+                return None
+
+            def make() -> Body:
+                content = self.archive.content(session, entry)
+                html = self.archive.issue_page(entry, content, self.links)
+                return Body(html.encode("utf-8"), entry.updated_at)
+
+            return self._kept(("issue", entry.id, entry.updated_at), make)
+
+    def image(self, slug: str, name: str) -> tuple[Image, datetime] | None:
+        """An image of the issue shown at ``slug``, and when that page appeared."""
+        with self.archive.store.session() as session:
+            entry = find(session, slug)
+            if entry is None:
+                return None
+            image = self.archive.content(session, entry).images.get(name)
+        return (image, entry.updated_at) if image is not None else None
+
+    def feed(self) -> Body:
+        """The Atom feed."""
+        with self.archive.store.session() as session:
+
+            def make() -> Body:
+                return Body(self.archive.feed(session, self.links), last_change(session))
+
+            body = self._kept(("feed", state(session)), make)
+        assert body is not None
+        return body
+
+    def newest(self) -> str | None:
+        """The address of the newest shown issue's page."""
+        with self.archive.store.session() as session:
+            entry = newest(session)
+        return self.links.issue(entry.slug) if entry is not None else None

@@ -197,7 +197,7 @@ class ArchivePage(Base):
 
     __tablename__ = "archive_pages"
     # What is shown, and when that last changed, read from indexes alone.
-    __table_args__ = (Index(None, "slug", "archived"), Index(None, "updated_at"))
+    __table_args__ = (Index(None, "slug", "archived", "updated_at"), Index(None, "updated_at"))
 
     issue_id: Mapped[int] = mapped_column(
         ForeignKey("issues.id", ondelete="CASCADE"), primary_key=True

@@ -29,44 +29,52 @@ bp = Blueprint("archive", __name__)
 
 
 @dataclass(frozen=True)
-class _Site:
+class _Served:
     """What the routes need, kept on the app (``app.extensions["newsletter_archive"]``)."""
 
-    archive: archive.Archive
-    links: archive.Links
+    site: archive.Site
     css: bytes
     headers: tuple[tuple[str, str], ...]
+    enabled: bool
 
 
 @bp.record_once
 def _setup(state: BlueprintSetupState) -> None:
     context = state.app.extensions["newsletter"]
     pages = archive.Archive(context.store, context.settings)
-    state.app.extensions["newsletter_archive"] = _Site(
-        pages,
-        archive.Links(context.settings.site_url),
+    state.app.extensions["newsletter_archive"] = _Served(
+        archive.Site(pages),
         pages.stylesheet(),
         # The signup pages' headers, but an issue shows the same pictures as its email
         # (video thumbnails, the blog's images), from any https site.
         security_headers(context.settings, False, images="'self' data: https:"),
+        context.settings.archive,
     )
 
 
-def _site() -> _Site:
-    site: _Site = current_app.extensions["newsletter_archive"]
-    g.security_headers = site.headers
-    if not site.archive.settings.archive:
+def _site() -> archive.Site:
+    served: _Served = current_app.extensions["newsletter_archive"]
+    g.security_headers = served.headers
+    if not served.enabled:
         abort(404)
-    return site
+    return served.site
 
 
-def _conditional(body: bytes, mimetype: str, modified: datetime | None) -> Response:
-    response = Response(body, mimetype=mimetype)
-    response.set_etag(archive.etag(body))
+def _conditional(
+    data: bytes, mimetype: str, modified: datetime | None, tag: str | None = None
+) -> Response:
+    response = Response(data, mimetype=mimetype)
+    response.set_etag(tag or archive.etag(data))
     if modified is not None:
         response.last_modified = modified
     response.headers["Cache-Control"] = "public, no-cache"
     return response.make_conditional(flask_request)
+
+
+def _answer(body: archive.Body | None, mimetype: str = "text/html") -> Response:
+    if body is None:
+        abort(404)
+    return _conditional(body.data, mimetype, body.modified, body.etag)
 
 
 @bp.get("/archive", strict_slashes=False)
@@ -75,31 +83,20 @@ def index() -> Response:
     raw = flask_request.args.get("page", "1")
     if not raw.isdigit() or len(raw) > 6:
         abort(404)
-    with site.archive.store.session() as session:
-        listing = archive.listing(session, int(raw))
-    if listing is None:
-        abort(404)
-    html = site.archive.index_page(listing, site.links).encode("utf-8")
-    return _conditional(html, "text/html", listing.updated_at)
+    return _answer(site.index(int(raw)))
 
 
 @bp.get("/archive/style.css")
 def style() -> Response:
-    response = Response(_site().css, mimetype="text/css")
+    _site()
+    response = Response(current_app.extensions["newsletter_archive"].css, mimetype="text/css")
     response.headers["Cache-Control"] = "public, max-age=3600"
     return response
 
 
 @bp.get("/archive/<slug>")
 def issue(slug: str) -> Response:
-    site = _site()
-    with site.archive.store.session() as session:
-        entry = archive.find(session, slug)
-        if entry is None:
-            abort(404)
-        content = site.archive.content(session, entry)
-    html = site.archive.issue_page(entry, content, site.links).encode("utf-8")
-    return _conditional(html, "text/html", entry.updated_at)
+    return _answer(_site().issue(slug))
 
 
 @bp.get("/archive/<slug>/")
@@ -114,35 +111,23 @@ def issue_folder(slug: str) -> Response:
 @bp.get("/archive/<slug>/<name>")
 def image(slug: str, name: str) -> Response:
     site = _site()
-    if not archive.IMAGE_NAME.fullmatch(name):
+    found = site.image(slug, name) if archive.IMAGE_NAME.fullmatch(name) else None
+    if found is None:
         abort(404)
-    with site.archive.store.session() as session:
-        entry = archive.find(session, slug)
-        if entry is None:
-            abort(404)
-        content = site.archive.content(session, entry)
-    picture = content.images.get(name)
-    if picture is None:
-        abort(404)
-    return _conditional(picture.data, picture.content_type, entry.updated_at)
+    picture, modified = found
+    return _conditional(picture.data, picture.content_type, modified)
 
 
 @bp.get("/feed.xml")
 def feed() -> Response:
-    site = _site()
-    with site.archive.store.session() as session:
-        body = site.archive.feed(session, site.links)
-        modified = archive.last_change(session)
-    return _conditional(body, "application/atom+xml", modified)
+    return _answer(_site().feed(), "application/atom+xml")
 
 
 @bp.get("/latest")
 def latest() -> Response:
-    site = _site()
-    with site.archive.store.session() as session:
-        entry = archive.newest(session)
-    if entry is None:
+    address = _site().newest()
+    if address is None:
         abort(404)
-    response = redirect(site.links.issue(entry.slug), 302)
+    response = redirect(address, 302)
     response.headers["Cache-Control"] = "no-cache"
     return response  # type: ignore[return-value]

@@ -278,3 +278,18 @@ def test_last_modified_is_when_the_issue_went_out(web: FlaskClient, sent: CliRun
         created = session.get(ArchivePage, 1).updated_at
     answer = web.get(f"/archive/{SLUG}")
     assert answer.headers["Last-Modified"] == format_datetime(created.replace(microsecond=0), True)
+
+
+def test_a_new_send_shows_at_once(web: FlaskClient, sent: CliRunner, clean_env: Path) -> None:
+    """Pages kept by the running app give way to a new send: the list, the feed and
+    /latest show it on the next request."""
+    before = web.get("/archive")
+    assert web.get("/feed.xml").status_code == 200
+    (clean_env / "next.md").write_text('---\ntitle: "Next week"\n---\nMore links.\n', "utf-8")
+    result = sent.invoke(main, ["send", "next.md", "--yes"])
+    assert result.exit_code == 0, result.output
+    after = web.get("/archive", headers={"If-None-Match": before.headers["ETag"]})
+    assert after.status_code == 200 and 'href="/archive/next"' in after.get_data(as_text=True)
+    feed = feedparser.parse(web.get("/feed.xml").data)
+    assert [e.title for e in feed.entries][:1] == ["Next week"]
+    assert web.get("/latest").headers["Location"] == "/archive/next"

@@ -110,7 +110,11 @@ def upgrade() -> None:
         ),
         sa.PrimaryKeyConstraint("issue_id", name="pk_archive_pages"),
     )
-    op.create_index("ix_archive_pages_slug_archived", "archive_pages", ["slug", "archived"])
+    op.create_index(
+        "ix_archive_pages_slug_archived_updated_at",
+        "archive_pages",
+        ["slug", "archived", "updated_at"],
+    )
     op.create_index("ix_archive_pages_updated_at", "archive_pages", ["updated_at"])
     connection = op.get_bind()
     rows = connection.execute(
@@ -152,5 +156,5 @@ def upgrade() -> None:
 
 def downgrade() -> None:
     op.drop_index("ix_archive_pages_updated_at", table_name="archive_pages")
-    op.drop_index("ix_archive_pages_slug_archived", table_name="archive_pages")
+    op.drop_index("ix_archive_pages_slug_archived_updated_at", table_name="archive_pages")
     op.drop_table("archive_pages")
