@@ -49,6 +49,7 @@ class Settings:
     trusted_proxies: int = 0
     allowed_redirects: tuple[str, ...] = ()
     frame_ancestors: tuple[str, ...] = ()
+    archive: bool = True
 
     @property
     def tz(self) -> ZoneInfo | None:
@@ -129,6 +130,17 @@ def _origins(env: dict, name: str) -> tuple[str, ...]:
     return tuple(origins)
 
 
+def _switch(env: dict, name: str, default: bool) -> bool:
+    raw = (_text(env, name) or "").lower()
+    if not raw:
+        return default
+    if raw in {"on", "true", "yes", "1"}:
+        return True
+    if raw in {"off", "false", "no", "0"}:
+        return False
+    raise ConfigError(f"{name}: {raw!r} is not on or off")
+
+
 def _database_url(env: dict) -> str:
     from sqlalchemy.engine import make_url
     from sqlalchemy.exc import ArgumentError
@@ -195,4 +207,5 @@ def load_settings(
         trusted_proxies=_int(env, "NEWSLETTER_TRUSTED_PROXIES", 0),
         allowed_redirects=_origins(env, "NEWSLETTER_ALLOWED_REDIRECTS"),
         frame_ancestors=_origins(env, "NEWSLETTER_FRAME_ANCESTORS"),
+        archive=_switch(env, "NEWSLETTER_ARCHIVE", True),
     )

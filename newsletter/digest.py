@@ -92,6 +92,10 @@ class Digest:
         """A fresh :class:`LineFinder` over this digest's body."""
         return LineFinder(self.body, self.body_line)
 
+    def field_line(self, key: str) -> int:
+        """File line of front matter field ``key``, for an error about its value."""
+        return _field_line(self.source.splitlines(), self.body_line - 1, key)
+
     def lines_of_url(self, url: str) -> tuple[int, ...]:
         """File lines where ``url`` is written whole (plain or ``&amp;``-escaped), outside
         fenced code: where a reader of `check` must edit it."""

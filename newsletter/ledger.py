@@ -42,6 +42,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import Session
 
+from newsletter.archive import place
 from newsletter.config import Settings
 from newsletter.errors import DeliveryError
 from newsletter.journal import Journal, examine, journal_dir, owners
@@ -186,6 +187,7 @@ def create_issue(
         if existing is not None and (existing.status == "sending" or not force):
             return existing, False
         now = utcnow()
+        rendered, archive_columns = place(session, rendered, digest_name, content_hash, existing)
         issue = Issue(
             digest_path=digest_path,
             digest_name=digest_name,
@@ -195,6 +197,7 @@ def create_issue(
             created_at=now,
             started_at=now,
             rendered=serialise_rendered(rendered),
+            **archive_columns,
         )
         session.add(issue)
         session.flush()

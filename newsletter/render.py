@@ -13,7 +13,7 @@ import html
 import logging
 import re
 from collections.abc import Callable, Collection
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import date, datetime
 from functools import cache
 from pathlib import Path
@@ -39,6 +39,7 @@ from newsletter.errors import DigestError
 from newsletter.local_images import LocalImage, load_local_image
 from newsletter.markdown_bounds import MarkdownBounds, escape_unclosed
 from newsletter.markdown_source import normalise_list_indentation
+from newsletter.permalink import permalink
 from newsletter.plaintext import html_to_text
 
 PERSONAL_FIELDS = ("name", "email", "unsubscribe_url")
@@ -54,6 +55,8 @@ _PLACEHOLDER = re.compile(r"@@NL_([A-Z_]+)@@")
 _SECTION = re.compile(r"@@NL_IF_([A-Z_]+)@@(.*?)@@NL_END_\1@@", re.DOTALL)
 _DIGEST_FIELD = re.compile(r"\{\{\s*(name|email|unsubscribe_url)\s*\}\}")
 _SAFE_SCHEMES = {"http", "https", "mailto", "cid"}
+# Stands for the "View in browser" URL until the issue's slug is final (see with_slug).
+_VIEW_MARK = "@@NL_VIEW_URL@@"
 
 
 def placeholder(name: str) -> str:
@@ -135,6 +138,21 @@ class Link:
 
 
 @dataclass(frozen=True)
+class IssuePage:
+    """The issue as a web page: where it lives, and its content without the email's frame
+    (no inline styles; personal fields as placeholders, local images as ``cid:``)."""
+
+    slug: str
+    listed: bool  # front matter ``archive`` (the issue may still be taken out later)
+    canonical_url: str | None
+    view_url: str | None  # the email's "View in browser" link; None: the email has none
+    title: str
+    byline: str | None
+    body: str
+    lang: str = "en"
+
+
+@dataclass(frozen=True)
 class RenderedIssue:
     """An issue rendered once: HTML and text with placeholders, and what to attach."""
 
@@ -146,6 +164,9 @@ class RenderedIssue:
     embeds: tuple[Embed, ...] = ()
     findings: tuple[Finding, ...] = ()
     links: tuple[Link, ...] = ()
+    page: IssuePage | None = None
+    # html and text with the "View in browser" URL still a mark, for with_slug
+    _marked: tuple[str, str] | None = field(default=None, repr=False, compare=False)
     _html_fill: Personalizer = field(init=False, repr=False, compare=False)
     _text_fill: Personalizer = field(init=False, repr=False, compare=False)
 
@@ -156,6 +177,25 @@ class RenderedIssue:
     def personalize(self, values: dict[str, str]) -> tuple[str, str]:
         """One recipient's (html, text); values are escaped in the HTML part."""
         return self._html_fill.fill(values, escape=True), self._text_fill.fill(values)
+
+    def with_slug(self, slug: str) -> RenderedIssue:
+        """The same issue living at archive page ``slug``: its "View in browser" link
+        follows unless it points at the post's canonical URL."""
+        page = self.page
+        if page is None or slug == page.slug:
+            return self
+        view = page.view_url
+        html_, text = self.html, self.text
+        if view is not None and page.canonical_url is None and self._marked is not None:
+            view = view[: len(view) - len(page.slug)] + slug
+            html_, text = _fill_view(*self._marked, view)
+        return replace(self, html=html_, text=text, page=replace(page, slug=slug, view_url=view))
+
+
+def _fill_view(html_: str, text: str, url: str | None) -> tuple[str, str]:
+    """HTML and text with the "View in browser" mark replaced by ``url``."""
+    url = url or ""
+    return html_.replace(_VIEW_MARK, html.escape(url)), text.replace(_VIEW_MARK, url)
 
 
 def default_templates_dir() -> Path:
@@ -422,8 +462,18 @@ def render_issue(digest: Digest, settings: Settings) -> RenderedIssue:
     images, image_findings = _resolve_images(root, digest, lines, settings.asset_base_url)
     findings += image_findings
     _mark_personal_fields(root)
-    body_html = "".join(lxml_html.tostring(child, encoding="unicode") for child in root)
-    body_html = (html.escape(root.text) if root.text else "") + body_html
+    body_html = _inner_html(root)
+    link = permalink(digest, settings)
+    page = IssuePage(
+        slug=link.slug,
+        listed=link.listed,
+        canonical_url=link.canonical_url,
+        view_url=link.view_url,
+        title=digest.title,
+        byline=_byline(digest.meta),
+        body=_page_body(root),
+        lang=str(digest.meta.get("lang") or "en"),
+    )
     context = {
         "subject": digest.subject,
         "title": digest.title,
@@ -433,13 +483,15 @@ def render_issue(digest: Digest, settings: Settings) -> RenderedIssue:
         "meta": digest.meta,
         "author": digest.meta.get("author"),
         "date": digest.meta.get("date"),
+        "view_url": _VIEW_MARK if link.view_url else "",
         **{name: placeholder(name) for name in PERSONAL_FIELDS},
     }
     env = template_environment(settings.templates_dir)
     document = env.get_template("email.html").render(body=Markup(body_html), **context)
-    inlined = _inline_css(document)
+    marked = _inline_css(document)
     text_body = html_to_text(root)
-    text = env.get_template("email.txt").render(body=text_body, **context)
+    marked_text = env.get_template("email.txt").render(body=text_body, **context)
+    inlined, text = _fill_view(marked, marked_text, link.view_url)
     size = len(inlined.encode("utf-8"))
     if size > HTML_LIMIT_BYTES:
         findings.append(
@@ -459,4 +511,27 @@ def render_issue(digest: Digest, settings: Settings) -> RenderedIssue:
         embeds=tuple(embeds),
         findings=tuple(sorted(findings, key=lambda finding: finding.line)),
         links=tuple(links),
+        page=page,
+        _marked=(marked, marked_text),
     )
+
+
+def _inner_html(root: lxml_html.HtmlElement) -> str:
+    body = "".join(lxml_html.tostring(child, encoding="unicode") for child in root)
+    return (html.escape(root.text) if root.text else "") + body
+
+
+def _page_body(root: lxml_html.HtmlElement) -> str:
+    """The body for the web page: a page's Content-Security-Policy refuses inline styles,
+    so the stylesheet styles it, by the same classes and elements as the email."""
+    page = lxml_html.fragment_fromstring(_inner_html(root), create_parent="div")
+    for el in page.iter():
+        if isinstance(el.tag, str) and "style" in el.attrib:
+            del el.attrib["style"]
+    return _inner_html(page)
+
+
+def _byline(meta: dict) -> str | None:
+    """ "Author · date" as the email shows it under the title."""
+    parts = [str(meta[key]) for key in ("author", "date") if meta.get(key)]
+    return " · ".join(parts) or None

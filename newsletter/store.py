@@ -41,6 +41,7 @@ from pathlib import Path
 
 from sqlalchemy import (
     BigInteger,
+    Boolean,
     CheckConstraint,
     DateTime,
     Dialect,
@@ -59,10 +60,18 @@ from sqlalchemy import (
     insert,
     select,
     text,
+    true,
 )
 from sqlalchemy.engine import URL, ExceptionContext, make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError, IntegrityError, NoSuchModuleError
-from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+from sqlalchemy.orm import (
+    DeclarativeBase,
+    Mapped,
+    Session,
+    mapped_column,
+    relationship,
+    sessionmaker,
+)
 from sqlalchemy.types import TypeDecorator
 
 from newsletter.config import Settings
@@ -182,6 +191,33 @@ class Issue(Base):
     failed_count: Mapped[int] = mapped_column(default=0, server_default="0")
     # The rendered email (JSON: subject, html, text, inline images) every delivery is made from.
     rendered: Mapped[bytes | None] = mapped_column(LargeBinary)
+    # Its page in the web archive, made with it (none for an issue sent before the archive
+    # existed whose email could not be read).
+    archive_page: Mapped[ArchivePage | None] = relationship(
+        cascade="all, delete-orphan", passive_deletes=True
+    )
+
+
+class ArchivePage(Base):
+    """An issue's page in the web archive. Every send of one digest has the same ``slug``;
+    the newest shows, if it is ``archived``. A table of its own, small columns first: the
+    archive's lists scan it, and in SQLite a column behind an issue's rendered email is
+    reached only by reading through the email."""
+
+    __tablename__ = "archive_pages"
+    # What is shown, and when that last changed, read from indexes alone.
+    __table_args__ = (Index(None, "slug", "archived", "updated_at"), Index(None, "updated_at"))
+
+    issue_id: Mapped[int] = mapped_column(
+        ForeignKey("issues.id", ondelete="CASCADE"), primary_key=True
+    )
+    slug: Mapped[str] = mapped_column(String(120))
+    archived: Mapped[bool] = mapped_column(Boolean, default=True, server_default=true())
+    # When the page appeared or was last put in or taken out: the archive's Last-Modified.
+    updated_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
+    preheader: Mapped[str | None] = mapped_column(Text)
+    # What it shows (JSON, newsletter.archive's: title, content, images).
+    content: Mapped[bytes] = mapped_column(LargeBinary)
 
 
 class Delivery(Base):

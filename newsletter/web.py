@@ -92,6 +92,9 @@ def create_app(settings: Settings | None = None, store: Store | None = None) -> 
         {embeddable: security_headers(settings, embeddable) for embeddable in (False, True)},
     )
     app.register_blueprint(bp)
+    from newsletter.web_archive import bp as archive_bp  # it builds on this module
+
+    app.register_blueprint(archive_bp)
     app.register_error_handler(HTTPException, _http_error)
     app.register_error_handler(InvalidToken, _bad_token)
     app.before_request(_check_body)
@@ -342,14 +345,17 @@ def _take_chunked_body(environ: dict) -> None:
     environ.pop("HTTP_TRANSFER_ENCODING", None)  # else Werkzeug ignores the length
 
 
-def security_headers(settings: Settings, embeddable: bool) -> tuple[tuple[str, str], ...]:
+def security_headers(
+    settings: Settings, embeddable: bool, images: str = "'self' data:"
+) -> tuple[tuple[str, str], ...]:
     """The headers every answer carries; ``embeddable`` pages (the form, its thank-you
-    page) may be framed by the sites in ``NEWSLETTER_FRAME_ANCESTORS``, if any."""
+    page) may be framed by the sites in ``NEWSLETTER_FRAME_ANCESTORS``, if any; ``images``
+    is where pictures may come from (the archive's pages show the email's)."""
     embeddable = embeddable and bool(settings.frame_ancestors)
     ancestors = " ".join(settings.frame_ancestors) if embeddable else "'none'"
     form_action = " ".join(("'self'", *settings.allowed_redirects))
     csp = (
-        "default-src 'none'; style-src 'self'; img-src 'self' data:; "
+        f"default-src 'none'; style-src 'self'; img-src {images}; "
         f"form-action {form_action}; frame-ancestors {ancestors}; base-uri 'none'"
     )
     headers = [("Content-Security-Policy", csp)]
@@ -364,7 +370,7 @@ def security_headers(settings: Settings, embeddable: bool) -> tuple[tuple[str, s
 
 
 def _security_headers(response: Response) -> Response:
-    for name, value in _ctx().headers[g.get("embeddable", False)]:
+    for name, value in g.get("security_headers") or _ctx().headers[g.get("embeddable", False)]:
         response.headers[name] = value
     response.headers.setdefault("Cache-Control", "no-store")
     return response

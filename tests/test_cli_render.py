@@ -32,7 +32,8 @@ def test_render_text_to_stdout(runner: CliRunner, fixtures_dir: Path, clean_env:
     digest = _copy(fixtures_dir, clean_env, "mojibake-digest.md", "chart.png")
     result = runner.invoke(main, ["render", str(digest), "--text"])
     assert result.exit_code == 0
-    assert result.stdout.startswith("📺 Browsers, Video and Metrics\n")
+    view = "View in browser: http://localhost:8000/archive/mojibake-digest\n\n"
+    assert result.stdout.startswith(view + "📺 Browsers, Video and Metrics\n")
 
 
 def test_render_warns_about_missing_image(

@@ -20,6 +20,7 @@ COMMANDS = {
     "check": "render:check",
     "send": "send:send",
     "issues": "issues:group",
+    "archive": "archive:group",
     "subscribers": "subscribers:group",
     "schedule": "schedule:group",
     "worker": "worker:worker",

@@ -64,3 +64,36 @@ def show(issue_id: int) -> None:
         click.echo(f"{key + ':':13} {value}")
     for email, status, answer in failures:
         click.echo(f"  {status}: {email}: {answer}")
+
+
+@group.command(name="archive")
+@click.argument("issue_id", type=int)
+@click.option("--on/--off", "shown", default=None, help="Show the issue's page, or take it out.")
+def archive_(issue_id: int, shown: bool | None) -> None:
+    """Put an issue's page in the web archive or take it out; without --on/--off, tell.
+
+    Every send of the same digest shares one page, so the choice holds for all of them.
+
+    Example: newsletter issues archive 3 --off
+    """
+    from newsletter.archive import set_archived
+    from newsletter.permalink import archive_url
+    from newsletter.store import open_store
+
+    config = settings()
+    with open_store(config) as store:
+        placed = set_archived(store, issue_id, shown)
+    url = archive_url(config.site_url, placed.slug)
+    if not placed.archived:
+        click.echo(f"issue {issue_id}: not in the archive ({url} answers 404)")
+    elif placed.shown_by is None:
+        click.echo(f"issue {issue_id}: archived, but not shown: it never went to subscribers")
+    elif placed.shown_by != issue_id:
+        click.echo(
+            f"issue {issue_id}: in the archive at {url} (as issue {placed.shown_by}, "
+            "a later send of the same digest)"
+        )
+    else:
+        click.echo(f"issue {issue_id}: in the archive at {url}")
+    if not config.archive:
+        click.echo("note: NEWSLETTER_ARCHIVE is off, so the archive shows nothing", err=True)
