@@ -31,7 +31,7 @@ from flask import request as flask_request
 from werkzeug.exceptions import HTTPException, MethodNotAllowed
 from werkzeug.middleware.proxy_fix import ProxyFix
 
-from newsletter import signup
+from newsletter import signup, web_hooks
 from newsletter.config import Settings, load_settings
 from newsletter.render import template_environment
 from newsletter.store import Store, open_store
@@ -87,6 +87,7 @@ def create_app(settings: Settings | None = None, store: Store | None = None) -> 
         {embeddable: security_headers(settings, embeddable) for embeddable in (False, True)},
     )
     app.register_blueprint(bp)
+    app.register_blueprint(web_hooks.bp)
     app.register_error_handler(HTTPException, _http_error)
     app.register_error_handler(InvalidToken, _bad_token)
     app.before_request(_refuse_big_bodies)
