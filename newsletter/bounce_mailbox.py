@@ -180,6 +180,9 @@ class _Imap:
             with contextlib.suppress(*_FAILURES):
                 connection.shutdown()
             raise MailboxError(f"{where}: login refused: {_reason(exc)}") from None
+        status, answer = connection.capability()  # what the server offers once logged in
+        if status == "OK" and answer and isinstance(answer[-1], bytes):
+            connection.capabilities = tuple(answer[-1].decode("ascii", "replace").upper().split())
         status, answer = connection.select(_quote(where.folder))
         if status != "OK":
             raise MailboxError(f"{where}: cannot open the folder: {_reason(answer)}")
