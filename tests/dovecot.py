@@ -27,6 +27,7 @@ from pathlib import Path
 
 DOVECOT = shutil.which("dovecot") or "/usr/sbin/dovecot"
 MAIL_UID = 65534  # nobody: Dovecot will not keep mail as root
+USERS = 64  # mail users made at start, one per test that asks
 
 
 def installed() -> bool:
@@ -48,14 +49,14 @@ class Dovecot:
         self.folder.chmod(0o755)
         self.imaps, self.imap, self.pop3s = _free_port(), _free_port(), _free_port()
         self._users = itertools.count(1)
+        self._passwords: dict[str, str] = {}
         self.process: subprocess.Popen | None = None
         self.root = os.geteuid() == 0
         self.uid = MAIL_UID if self.root else os.getuid()
         self.gid = MAIL_UID if self.root else os.getgid()
 
     def __enter__(self) -> Dovecot:
-        (self.folder / "users").write_text("")
-        (self.folder / "users").chmod(0o644)
+        self._make_users(USERS)
         config = self.folder / "dovecot.conf"
         as_root = (
             "default_login_user = dovenull\ndefault_internal_user = dovecot\n"
@@ -76,6 +77,7 @@ ssl = required
 ssl_cert = <{self.cert}
 ssl_key = <{self.key}
 auth_mechanisms = plain login
+auth_failure_delay = 0
 passdb {{
   driver = passwd-file
   args = scheme=PLAIN username_format=%u {self.folder}/users
@@ -113,8 +115,9 @@ service pop3-login {{
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise RuntimeError(f"dovecot did not start: {self.process.stderr.read()!r}")
-            with contextlib.suppress(OSError), socket.create_connection(
-                ("127.0.0.1", self.imaps), timeout=1
+            with (
+                contextlib.suppress(OSError),
+                socket.create_connection(("127.0.0.1", self.imaps), timeout=1),
             ):
                 return self
             time.sleep(0.05)
@@ -128,20 +131,32 @@ service pop3-login {{
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait(10)
+            if self.process.stderr is not None:
+                self.process.stderr.close()
         shutil.rmtree(self.folder, ignore_errors=True)
 
-    def add_user(self) -> tuple[str, str]:
-        """A new mail user with an empty INBOX; (user, password)."""
-        user = f"bounces{next(self._users)}"
-        password = f"pw-{user}-{os.getpid()}"
-        home = self.folder / "home" / user
-        home.mkdir(parents=True)
+    def _make_users(self, count: int) -> None:
+        """Users made before Dovecot starts: it may not notice a passwd-file that changed
+        within the second it last read it."""
+        lines = []
+        for number in range(1, count + 1):
+            user = f"bounces{number}"
+            password = f"pw-{user}-{os.getpid()}"
+            home = self.folder / "home" / user
+            home.mkdir(parents=True)
+            os.chown(home, self.uid, self.gid)
+            lines.append(f"{user}:{{PLAIN}}{password}:{self.uid}:{self.gid}::{home}\n")
+            self._passwords[user] = password
         (self.folder / "home").chmod(0o755)
-        os.chown(home, self.uid, self.gid)
-        with (self.folder / "users").open("a") as users:
-            users.write(f"{user}:{{PLAIN}}{password}:{self.uid}:{self.gid}::{home}\n")
-        self._passwords = {**getattr(self, "_passwords", {}), user: password}
-        return user, password
+        (self.folder / "users").write_text("".join(lines))
+        (self.folder / "users").chmod(0o644)
+
+    def add_user(self) -> tuple[str, str]:
+        """A user of its own for a test, with an empty mailbox; (user, password)."""
+        user = f"bounces{next(self._users)}"
+        if user not in self._passwords:
+            raise RuntimeError(f"more than {USERS} tests asked for a Dovecot user")
+        return user, self._passwords[user]
 
     def url(self, scheme: str, user: str, password: str | None = None, tail: str = "") -> str:
         """NEWSLETTER_BOUNCE_MAILBOX for ``user`` over ``scheme`` (imaps, imap or pop3s)."""
