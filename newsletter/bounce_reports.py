@@ -17,8 +17,11 @@ the Message-IDs of the returned message. Which of them are genuine is for the ca
 
 from __future__ import annotations
 
+import base64
+import binascii
 import email
 import hashlib
+import quopri
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -242,8 +245,17 @@ def _blocks(part: Message) -> list[Message]:
     if parsed and encoding in ("7bit", "8bit", "binary"):
         return payload
     raw = part.get_payload(decode=True)
-    if not isinstance(raw, bytes):
-        raw = str(payload).encode("utf-8", "replace") if not isinstance(payload, list) else b""
+    if not isinstance(raw, bytes):  # parsed into blocks before it was decoded: undo, decode
+        body = part.as_string().replace("\r\n", "\n").partition("\n\n")[2]
+        if encoding == "base64":
+            try:
+                raw = base64.b64decode("".join(body.split()) + "==", validate=False)
+            except (binascii.Error, ValueError):
+                raw = b""
+        elif encoding == "quoted-printable":
+            raw = quopri.decodestring(body.encode("ascii", "replace"))
+        else:
+            raw = body.encode("utf-8", "replace")
     text = raw.decode("utf-8", "replace").replace("\r\n", "\n")
     parser = HeaderParser()
     return [parser.parsestr(block.strip() + "\n") for block in text.split("\n\n") if block.strip()]
