@@ -56,7 +56,7 @@ def process_files(store: Store, settings: Settings, paths: list[str], stdin: Bin
                 _process_file(recorder, spooled, "<stdin>")
         else:
             _process_file(recorder, Path(path), path)
-    return recorder.tally
+    return recorder.flush()
 
 
 def _check_readable(path: Path) -> None:
@@ -121,7 +121,7 @@ def fetch(
     stop = stop or threading.Event()
     reader = _Pop3 if where.scheme == "pop3s" else _Imap
     more = reader(where).read(recorder, limit or 10**9, stop)
-    return recorder.tally, more
+    return recorder.flush(), more
 
 
 class _Imap:
@@ -137,23 +137,23 @@ class _Imap:
             done: list[bytes] = []
             if chosen and self.where.move_to is not None:
                 _quietly(connection.create, _quote(self.where.move_to))
-            try:
-                for uid in chosen:
-                    if stop.is_set():
-                        return True
-                    label = f"{self.where} UID {uid.decode()}"
-                    size = sizes.get(uid, 0)
-                    if size > MAX_MESSAGE_BYTES:
-                        recorder.too_big(label, size)
-                    else:
-                        recorder.message(label, self._body(connection, uid), "mailbox")
-                    done.append(uid)
-                    if len(done) >= MOVE_EVERY:
-                        self._put_away(connection, done)
-                        done = []
-            finally:
-                with contextlib.suppress(*_FAILURES):
+            for uid in chosen:
+                if stop.is_set():
+                    more = True
+                    break
+                label = f"{self.where} UID {uid.decode()}"
+                size = sizes.get(uid, 0)
+                if size > MAX_MESSAGE_BYTES:
+                    recorder.too_big(label, size)
+                else:
+                    recorder.message(label, self._body(connection, uid), "mailbox")
+                done.append(uid)
+                if len(done) >= MOVE_EVERY:
+                    recorder.flush()  # committed first, then moved away
                     self._put_away(connection, done)
+                    done = []
+            recorder.flush()
+            self._put_away(connection, done)
             return more
         except _FAILURES as exc:
             raise MailboxError(f"{self.where}: {_reason(exc)}") from None
@@ -260,7 +260,8 @@ class _Pop3:
                 more = count > limit
                 for number in range(1, min(count, limit) + 1):
                     if stop.is_set():
-                        return True
+                        more = True
+                        break
                     size = int(connection.list(number).split()[2])
                     label = f"{where} message {number}"
                     if size > MAX_MESSAGE_BYTES:
@@ -269,7 +270,8 @@ class _Pop3:
                         lines = connection.retr(number)[1]
                         recorder.message(label, b"\r\n".join(lines) + b"\r\n", "mailbox")
                     connection.dele(number)
-                connection.quit()  # the deletions take effect only now
+                recorder.flush()  # committed first: the deletions take effect only at QUIT
+                connection.quit()
                 return more
             except _FAILURES as exc:
                 raise MailboxError(f"{where}: {_reason(exc)}") from None

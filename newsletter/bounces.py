@@ -31,7 +31,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from sqlalchemy import func, select
+from sqlalchemy import bindparam, func, insert, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -51,6 +51,7 @@ from newsletter.verp import Verp
 log = logging.getLogger("newsletter.bounces")
 
 MAX_MESSAGE_BYTES = 10 * 1024 * 1024  # a bounce with its original is far smaller
+BATCH = 100  # events written per transaction
 LISTED_KINDS = (HARD, SOFT, COMPLAINT)
 COMPLAINT_WARNING = 0.001  # Gmail and Yahoo want bulk senders under 0.3%: act well before
 SUPPRESSING = {HARD: "bounced", COMPLAINT: "complained"}
@@ -129,16 +130,19 @@ def verp_for(store: Store, settings: Settings) -> Verp:
 
 
 class Recorder:
-    """Matches events to deliveries and records them under the policy, one transaction
-    each; database errors propagate (the caller keeps the report to try again)."""
+    """Matches events to deliveries and records them under the policy. Matched events
+    are written in batches, each batch one transaction (:meth:`flush`; callers flush
+    before they let go of what was read, and at the end); database errors propagate,
+    and the caller keeps what it read to try again."""
 
-    def __init__(self, store: Store, settings: Settings, tally: Tally | None = None) -> None:
-        self.store, self.settings = store, settings
+    def __init__(self, store: Store, settings: Settings, batch: int = BATCH) -> None:
+        self.store, self.settings, self.batch = store, settings, batch
         self.verp = verp_for(store, settings)
-        self.tally = tally or Tally()
+        self.tally = Tally()
+        self._pending: list[tuple[Event, Match]] = []
 
     def message(self, label: str, data: bytes, source: str) -> None:
-        """Read one returned message and record what it says; what cannot be used is
+        """Read one returned message and take in what it says; what cannot be used is
         logged in one line and counted."""
         if len(data) > MAX_MESSAGE_BYTES:
             self.too_big(label, len(data))
@@ -175,20 +179,41 @@ class Recorder:
         )
 
     def event(self, event: Event) -> bool:
-        """Record one event; False when it names no delivery or subscriber of ours."""
+        """Take one event in; False when it names no delivery or subscriber of ours."""
         with self.store.session() as session:
             match = find_match(session, self.verp, event)
         if match is None:
             self.tally.unmatched += 1
             return False
-        outcome = self._record(event, match)
-        if outcome == "duplicate":
-            self.tally.duplicates += 1
-        elif outcome != "nothing":
-            self.tally.count(event.kind)
-            if outcome == "suppressed":
-                self.tally.suppressed += 1
+        self._pending.append((event, match))
+        if len(self._pending) >= self.batch:
+            self.flush()
         return True
+
+    def flush(self) -> Tally:
+        """Write the events taken in so far, all or none; the tally so far."""
+        pending, self._pending = self._pending, []
+        if not pending:
+            return self.tally
+        keys = sorted({f"bounces:{match.subscriber_id}" for _, match in pending})
+        try:
+            with self.store.write(keys=keys) as session:
+                outcomes = [self._record(session, event, match) for event, match in pending]
+        except IntegrityError:  # another process recorded one of them first: one by one
+            outcomes = []
+            for event, match in pending:
+                try:
+                    with self.store.write(keys=[f"bounces:{match.subscriber_id}"]) as session:
+                        outcomes.append(self._record(session, event, match))
+                except IntegrityError:
+                    outcomes.append("duplicate")
+        for (event, _), outcome in zip(pending, outcomes, strict=True):
+            if outcome == "duplicate":
+                self.tally.duplicates += 1
+            elif outcome != "nothing":
+                self.tally.count(event.kind)
+                self.tally.suppressed += outcome == "suppressed"
+        return self.tally
 
     def _skip(self, counter: str | None, line: str) -> None:
         if counter is not None:
@@ -197,37 +222,32 @@ class Recorder:
             self.tally.problems.append(line)
         log.warning("%s", line)
 
-    def _record(self, event: Event, match: Match) -> str:
+    def _record(self, session: Session, event: Event, match: Match) -> str:
         """``recorded``, ``suppressed``, ``duplicate`` or ``nothing`` (a delivery that ends
         no run of soft bounces)."""
         key = event_key(event, match)
         now = utcnow()
-        occurred = min(event.occurred_at or now, now)
-        try:
-            with self.store.write(keys=[f"bounces:{match.subscriber_id}"]) as session:
-                if session.scalar(select(BounceEvent.id).where(BounceEvent.event_key == key)):
-                    return "duplicate"
-                if event.kind == DELIVERED and soft_streak(session, match.subscriber_id) == 0:
-                    return "nothing"
-                session.add(
-                    BounceEvent(
-                        event_key=key,
-                        subscriber_id=match.subscriber_id,
-                        email=match.email,
-                        issue_id=match.issue_id,
-                        delivery_id=match.delivery_id,
-                        kind=event.kind,
-                        source=event.source,
-                        status=(event.status or None) and event.status[:32],
-                        detail=event.detail[:1000] or None,
-                        occurred_at=occurred,
-                        received_at=now,
-                    )
-                )
-                session.flush()
-                return self._apply(session, event.kind, match.subscriber_id)
-        except IntegrityError:  # another process recorded the same report first
+        if session.scalar(_EXISTING, {"key": key}):
             return "duplicate"
+        if event.kind == DELIVERED and soft_streak(session, match.subscriber_id) == 0:
+            return "nothing"
+        session.execute(
+            insert(BounceEvent),
+            {
+                "event_key": key,
+                "subscriber_id": match.subscriber_id,
+                "email": match.email,
+                "issue_id": match.issue_id,
+                "delivery_id": match.delivery_id,
+                "kind": event.kind,
+                "source": event.source,
+                "status": (event.status or None) and event.status[:32],
+                "detail": event.detail[:1000] or None,
+                "occurred_at": min(event.occurred_at or now, now),
+                "received_at": now,
+            },
+        )
+        return self._apply(session, event.kind, match.subscriber_id)
 
     def _apply(self, session: Session, kind: str, subscriber_id: int) -> str:
         wanted = SUPPRESSING.get(kind)
@@ -237,7 +257,11 @@ class Recorder:
             return "recorded"
         before = session.get(Subscriber, subscriber_id).status
         after = unsubscribe(session, subscriber_id, wanted).status
+        session.flush()
         return "suppressed" if after != before else "recorded"
+
+
+_EXISTING = select(BounceEvent.id).where(BounceEvent.event_key == bindparam("key"))
 
 
 def events_of(report: Report, source: str) -> list[Event]:
@@ -325,7 +349,7 @@ def record_events(store: Store, settings: Settings, events: Iterable[Event]) -> 
     recorder = Recorder(store, settings)
     for event in events:
         recorder.event(event)
-    return recorder.tally
+    return recorder.flush()
 
 
 # Seeing it --------------------------------------------------------------------------------

@@ -38,6 +38,12 @@ def _config(store, tmp_path: Path):
     return settings(tmp_path, store.engine.url.render_as_string(hide_password=False))
 
 
+def _process(store, tmp_path: Path, label: str, data: bytes) -> None:
+    recorder = Recorder(store, _config(store, tmp_path))
+    recorder.message(label, data, "process")
+    recorder.flush()
+
+
 def _events(store) -> list[BounceEvent]:
     with store.session() as session:
         return list(session.scalars(select(BounceEvent).order_by(BounceEvent.id)))
@@ -49,6 +55,7 @@ def test_each_kind_of_report_does_what_it_says(store, tmp_path: Path, shape: str
     [sent, _] = send_issue(store, "gone@example.org", "stays@example.org")
     recorder = Recorder(store, _config(store, tmp_path))
     recorder.message(shape, _dsn(shape, sent), "process")
+    recorder.flush()
     expected = SHAPES[shape][1]
     wanted_status = {"hard": "bounced", "complaint": "complained"}.get(expected, "active")
     assert status_of(store, "gone@example.org") == wanted_status
@@ -70,7 +77,7 @@ def test_the_original_message_id_matches_when_the_envelope_was_rewritten(store, 
         b"X-Newsletter-Delivery", b"X-Other"
     )
     data = data.replace(f"bounces+{VERP.token(sent.delivery_id)}".encode(), b"links")
-    Recorder(store, _config(store, tmp_path)).message("m", data, "process")
+    _process(store, tmp_path, "m", data)
     assert status_of(store, "gone@example.org") == "bounced"
 
 
@@ -91,6 +98,7 @@ def test_forged_and_unknown_tokens_change_nothing(store, tmp_path, caplog) -> No
             token=token,
         )
         recorder.message(f"forged {number}", data, "process")
+    recorder.flush()
     assert status_of(store, "victim@example.org") == "active"
     assert _events(store) == []
     assert recorder.tally.unmatched == 2
@@ -108,23 +116,23 @@ def test_the_same_report_twice_counts_once(store, tmp_path) -> None:
     recorder = Recorder(store, config)
     recorder.message("first", data, "process")
     recorder.message("again", data, "process")
-    Recorder(store, config).message("from the mailbox", data, "mailbox")
+    recorder.flush()
+    _process(store, tmp_path, "from the mailbox", data)
     assert len(_events(store)) == 1
     assert recorder.tally.soft == 1 and recorder.tally.duplicates == 1
 
 
 def test_soft_bounces_suppress_after_the_limit_over_different_issues(store, tmp_path) -> None:
     """Three soft bounces on three issues suppress; three on one issue do not."""
-    config = _config(store, tmp_path)
     [first] = send_issue(store, "full@example.org", subject="one")
     for copy in range(3):
-        Recorder(store, config).message("m", _dsn("gmail", first) + b"\n" * copy, "process")
+        _process(store, tmp_path, "m", _dsn("gmail", first) + b"\n" * copy)
     assert status_of(store, "full@example.org") == "active"
     [second] = send_issue(store, "full@example.org", subject="two")
-    Recorder(store, config).message("m", _dsn("ses", second), "process")
+    _process(store, tmp_path, "m", _dsn("ses", second))
     assert status_of(store, "full@example.org") == "active"
     [third] = send_issue(store, "full@example.org", subject="three")
-    Recorder(store, config).message("m", _dsn("gmail", third), "process")
+    _process(store, tmp_path, "m", _dsn("gmail", third))
     assert status_of(store, "full@example.org") == "bounced"
 
 
@@ -141,9 +149,11 @@ def test_a_delivery_event_resets_the_soft_bounce_count(store, tmp_path) -> None:
 
     for kind, n in (("soft", 0), ("soft", 1), ("delivered", 2), ("soft", 3)):
         recorder.event(event(kind, n))
+    recorder.flush()
     assert status_of(store, "full@example.org") == "active"
     assert recorder.tally.delivered == 1
     recorder.event(event("soft", 4))
+    recorder.flush()
     assert status_of(store, "full@example.org") == "active"  # two since the delivery
     quiet = Recorder(store, _config(store, tmp_path))
     quiet.event(
@@ -158,6 +168,7 @@ def test_a_delivery_event_resets_the_soft_bounce_count(store, tmp_path) -> None:
             by_address=True,
         )
     )
+    quiet.flush()
     assert quiet.tally.delivered == 1  # it ended a run, so it is kept
     quiet.event(
         Event(
@@ -171,6 +182,7 @@ def test_a_delivery_event_resets_the_soft_bounce_count(store, tmp_path) -> None:
             by_address=True,
         )
     )
+    quiet.flush()
     assert quiet.tally.delivered == 1  # nothing left to reset: not kept
 
 
@@ -180,7 +192,7 @@ def test_a_later_import_or_add_does_not_reactivate(store, tmp_path) -> None:
     from newsletter.subscribers import add
 
     [sent] = send_issue(store, "gone@example.org")
-    Recorder(store, _config(store, tmp_path)).message("m", _dsn("postfix", sent), "process")
+    _process(store, tmp_path, "m", _dsn("postfix", sent))
     with pytest.raises(InputError, match="bounced"), store.begin() as session:
         add(session, "gone@example.org")
     assert status_of(store, "gone@example.org") == "bounced"
@@ -202,7 +214,7 @@ def test_a_purge_erases_the_subscribers_bounce_events(store, tmp_path) -> None:
     from newsletter.subscribers import purge
 
     [sent] = send_issue(store, "gone@example.org")
-    Recorder(store, _config(store, tmp_path)).message("m", _dsn("postfix", sent), "process")
+    _process(store, tmp_path, "m", _dsn("postfix", sent))
     with store.begin() as session:
         purge(session, "gone@example.org")
     assert _events(store) == []
@@ -219,6 +231,7 @@ def test_malformed_and_unrecognised_messages_are_counted_and_skipped(store, tmp_
     recorder = Recorder(store, _config(store, tmp_path))
     for number, data in enumerate((broken, b"\x00\x01\x02" * 100, b"")):
         recorder.message(f"m{number}", data, "process")
+    recorder.flush()
     assert recorder.tally.unrecognised == 3 and recorder.tally.messages == 3
     assert _events(store) == [] and status_of(store, "reader@example.org") == "active"
 
@@ -316,6 +329,7 @@ def test_subscriber_status_counts_are_exact(store, tmp_path) -> None:
     recorder = Recorder(store, _config(store, tmp_path))
     for item in sent[:3]:
         recorder.message("m", _dsn("outlook", item), "process")
+    recorder.flush()
     with store.session() as session:
         counts = dict(
             session.execute(
@@ -330,6 +344,6 @@ def test_an_address_added_later_is_not_matched_by_an_old_token(store, tmp_path) 
     """Tokens name deliveries, not addresses: subscribing someone new changes nothing."""
     subscribe(store, "new@example.org")
     [sent] = send_issue(store, "old@example.org")
-    Recorder(store, _config(store, tmp_path)).message("m", _dsn("postfix", sent), "process")
+    _process(store, tmp_path, "m", _dsn("postfix", sent))
     assert status_of(store, "new@example.org") == "active"
     assert status_of(store, "old@example.org") == "bounced"
