@@ -31,13 +31,14 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from sqlalchemy import bindparam, func, insert, select
+from sqlalchemy import bindparam, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from newsletter.bounce_reports import COMPLAINT, DELIVERED, HARD, SOFT, Report, read_report
 from newsletter.config import Settings
 from newsletter.store import (
+    STOPPED_STATUSES,
     BounceEvent,
     Delivery,
     Store,
@@ -45,7 +46,7 @@ from newsletter.store import (
     get_or_create_secret_key,
     utcnow,
 )
-from newsletter.subscribers import unsubscribe
+from newsletter.subscribers import status_changes
 from newsletter.verp import Verp
 
 log = logging.getLogger("newsletter.bounces")
@@ -140,6 +141,7 @@ class Recorder:
         self.verp = verp_for(store, settings)
         self.tally = Tally()
         self._pending: list[tuple[Event, Match]] = []
+        self._reader: Session | None = None  # matching reads, one session per batch
 
     def message(self, label: str, data: bytes, source: str) -> None:
         """Read one returned message and take in what it says; what cannot be used is
@@ -180,8 +182,9 @@ class Recorder:
 
     def event(self, event: Event) -> bool:
         """Take one event in; False when it names no delivery or subscriber of ours."""
-        with self.store.session() as session:
-            match = find_match(session, self.verp, event)
+        if self._reader is None:
+            self._reader = self.store.session()
+        match = find_match(self._reader, self.verp, event)
         if match is None:
             self.tally.unmatched += 1
             return False
@@ -192,6 +195,9 @@ class Recorder:
 
     def flush(self) -> Tally:
         """Write the events taken in so far, all or none; the tally so far."""
+        if self._reader is not None:  # no read transaction left open beside the write
+            self._reader.close()
+            self._reader = None
         pending, self._pending = self._pending, []
         if not pending:
             return self.tally
@@ -250,15 +256,21 @@ class Recorder:
         return self._apply(session, event.kind, match.subscriber_id)
 
     def _apply(self, session: Session, kind: str, subscriber_id: int) -> str:
+        """Suppress the subscriber if the policy says so. The rule of
+        :func:`newsletter.subscribers.unsubscribe` in one statement: whoever stopped
+        already keeps the first reason and its date."""
         wanted = SUPPRESSING.get(kind)
         if kind == SOFT and soft_streak(session, subscriber_id) >= self.settings.soft_bounce_limit:
             wanted = "bounced"
         if wanted is None:
             return "recorded"
-        before = session.get(Subscriber, subscriber_id).status
-        after = unsubscribe(session, subscriber_id, wanted).status
-        session.flush()
-        return "suppressed" if after != before else "recorded"
+        changed = session.execute(
+            update(Subscriber)
+            .where(Subscriber.id == subscriber_id, Subscriber.status.not_in(STOPPED_STATUSES))
+            .values(status_changes(None, wanted, utcnow()))
+            .execution_options(synchronize_session=False)
+        ).rowcount
+        return "suppressed" if changed else "recorded"
 
 
 _EXISTING = select(BounceEvent.id).where(BounceEvent.event_key == bindparam("key"))
