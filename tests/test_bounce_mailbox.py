@@ -188,3 +188,35 @@ def test_the_worker_polls_the_mailbox_and_survives_a_refusal(
         while status_of(store, "gone@example.org") != "bounced" and time.monotonic() < deadline:
             time.sleep(0.2)
     assert status_of(store, "gone@example.org") == "bounced"
+
+
+def test_a_database_failure_leaves_the_messages_for_the_next_round(
+    dovecot, mailbox_user, store, database_url, tmp_path: Path, caplog
+) -> None:
+    """With the events table gone mid-life, a round logs one line and moves nothing;
+    the next round, with the table back, records each report once."""
+    from sqlalchemy import text
+
+    user, _ = mailbox_user
+    sent = send_issue(store, "gone@example.org", "spam@example.org")
+    dovecot.append(user, "INBOX", _dsn("postfix", sent[0]))
+    dovecot.append(user, "INBOX", _dsn("arf", sent[1]))
+    config = settings(tmp_path, database_url, NEWSLETTER_BOUNCE_MAILBOX=dovecot.url("imaps", user))
+    poller = Poller(store, config, threading.Event())
+    caplog.set_level(logging.WARNING, "newsletter.bounces")
+    with store.engine.begin() as connection:
+        connection.execute(text("ALTER TABLE bounce_events RENAME TO bounce_events_away"))
+    try:
+        assert poller.tick() is None
+    finally:
+        with store.engine.begin() as connection:
+            connection.execute(text("ALTER TABLE bounce_events_away RENAME TO bounce_events"))
+    [line] = [r.getMessage() for r in caplog.records if "trying again" in r.getMessage()]
+    assert "\n" not in line and line.startswith("bounce mailbox imaps://")
+    assert len(dovecot.uids(user, "INBOX")) == 2
+    assert status_of(store, "gone@example.org") == "active"
+    poller.next_round = 0.0
+    tally = poller.tick()
+    assert (tally.hard, tally.complaints) == (1, 1)
+    assert status_of(store, "gone@example.org") == "bounced"
+    assert dovecot.uids(user, "INBOX") == []
