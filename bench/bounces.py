@@ -109,8 +109,9 @@ def _mbox(path: Path, count: int) -> None:
             box.write(f"From MAILER-DAEMON Tue Dec  1 10:00:00 2026\n{text}\n")
 
 
-def _run(url: str, mbox: Path, folder: Path) -> tuple[float, float, str]:
-    """(seconds, peak MB, summary line) of one `newsletter bounces process MBOX`."""
+def _run(url: str, mbox: Path, folder: Path) -> tuple[float, float, float, str]:
+    """(seconds, CPU seconds, peak MB, summary line) of one `newsletter bounces process MBOX`;
+    CPU time tells what the command costs when other processes share the machine."""
     env = os.environ | {
         "NEWSLETTER_DATABASE_URL": url,
         "NEWSLETTER_SECRET_KEY": SECRET,
@@ -132,24 +133,30 @@ def _run(url: str, mbox: Path, folder: Path) -> tuple[float, float, str]:
     process.returncode = os.waitstatus_to_exitcode(status)
     if process.returncode != 0:
         raise SystemExit(f"bounces process exited {process.returncode}: {out}")
-    return seconds, usage.ru_maxrss / 1024, out
+    return seconds, usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024, out
 
 
 def _measure(url_for, count: int, runs: int, folder: Path) -> dict:
     mbox = folder / f"dsn-{count}.mbox"
     _mbox(mbox, count)
-    seconds, peaks, summary = [], [], ""
+    seconds, cpu, peaks, summary = [], [], [], ""
     for run in range(runs):
         url = url_for(f"{count}-{run}")
         _database(url, count)
-        elapsed, peak, summary = _run(url, mbox, folder)
+        elapsed, used, peak, summary = _run(url, mbox, folder)
         seconds.append(elapsed)
+        cpu.append(used)
         peaks.append(peak)
-        print(f"  {count} DSNs, run {run + 1}: {elapsed:.2f} s, peak {peak:.0f} MB — {summary}")
+        print(
+            f"  {count} DSNs, run {run + 1}: {elapsed:.2f} s ({used:.2f} s CPU), "
+            f"peak {peak:.0f} MB — {summary}"
+        )
     return {
         "count": count,
         "seconds": round(statistics.median(seconds), 2),
         "per_second": round(count / statistics.median(seconds)),
+        "cpu_seconds": round(statistics.median(cpu), 2),
+        "load_average": round(os.getloadavg()[0], 1),
         "peak_mb": round(max(peaks), 1),
         "mbox_mb": round(mbox.stat().st_size / 1048576, 1),
         "summary": summary,

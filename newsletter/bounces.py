@@ -31,7 +31,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from sqlalchemy import bindparam, func, insert, select, update
+from sqlalchemy import Connection, bindparam, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -141,7 +141,7 @@ class Recorder:
         self.verp = verp_for(store, settings)
         self.tally = Tally()
         self._pending: list[tuple[Event, Match]] = []
-        self._reader: Session | None = None  # matching reads, one session per batch
+        self._reader: Connection | None = None  # matching reads, one connection per batch
 
     def message(self, label: str, data: bytes, source: str) -> None:
         """Read one returned message and take in what it says; what cannot be used is
@@ -183,7 +183,7 @@ class Recorder:
     def event(self, event: Event) -> bool:
         """Take one event in; False when it names no delivery or subscriber of ours."""
         if self._reader is None:
-            self._reader = self.store.session()
+            self._reader = self.store.engine.connect()
         match = find_match(self._reader, self.verp, event)
         if match is None:
             self.tally.unmatched += 1
@@ -204,13 +204,14 @@ class Recorder:
         keys = sorted({f"bounces:{match.subscriber_id}" for _, match in pending})
         try:
             with self.store.write(keys=keys) as session:
-                outcomes = [self._record(session, event, match) for event, match in pending]
+                db = session.connection()
+                outcomes = [self._record(db, event, match) for event, match in pending]
         except IntegrityError:  # another process recorded one of them first: one by one
             outcomes = []
             for event, match in pending:
                 try:
                     with self.store.write(keys=[f"bounces:{match.subscriber_id}"]) as session:
-                        outcomes.append(self._record(session, event, match))
+                        outcomes.append(self._record(session.connection(), event, match))
                 except IntegrityError:
                     outcomes.append("duplicate")
         for (event, _), outcome in zip(pending, outcomes, strict=True):
@@ -228,7 +229,7 @@ class Recorder:
             self.tally.problems.append(line)
         log.warning("%s", line)
 
-    def _record(self, session: Session, event: Event, match: Match) -> str:
+    def _record(self, session: Connection, event: Event, match: Match) -> str:
         """``recorded``, ``suppressed``, ``duplicate`` or ``nothing`` (a delivery that ends
         no run of soft bounces)."""
         key = event_key(event, match)
@@ -238,7 +239,7 @@ class Recorder:
         if event.kind == DELIVERED and soft_streak(session, match.subscriber_id) == 0:
             return "nothing"
         session.execute(
-            insert(BounceEvent),
+            insert(BounceEvent.__table__),
             {
                 "event_key": key,
                 "subscriber_id": match.subscriber_id,
@@ -255,7 +256,7 @@ class Recorder:
         )
         return self._apply(session, event.kind, match.subscriber_id)
 
-    def _apply(self, session: Session, kind: str, subscriber_id: int) -> str:
+    def _apply(self, session: Connection, kind: str, subscriber_id: int) -> str:
         """Suppress the subscriber if the policy says so. The rule of
         :func:`newsletter.subscribers.unsubscribe` in one statement: whoever stopped
         already keeps the first reason and its date."""
@@ -265,10 +266,9 @@ class Recorder:
         if wanted is None:
             return "recorded"
         changed = session.execute(
-            update(Subscriber)
+            update(Subscriber.__table__)
             .where(Subscriber.id == subscriber_id, Subscriber.status.not_in(STOPPED_STATUSES))
             .values(status_changes(None, wanted, utcnow()))
-            .execution_options(synchronize_session=False)
         ).rowcount
         return "suppressed" if changed else "recorded"
 
@@ -303,7 +303,7 @@ def event_key(event: Event, match: Match) -> str:
 _DELIVERY = select(Delivery.id, Delivery.subscriber_id, Delivery.email, Delivery.issue_id)
 
 
-def find_match(session: Session, verp: Verp, event: Event) -> Match | None:
+def find_match(session: Connection | Session, verp: Verp, event: Event) -> Match | None:
     """The delivery the event names by token or Message-ID; or, for an authenticated
     provider, the subscriber with the address and their latest issue."""
     for token in event.tokens:
@@ -341,7 +341,7 @@ def find_match(session: Session, verp: Verp, event: Event) -> Match | None:
     return None
 
 
-def soft_streak(session: Session, subscriber_id: int) -> int:
+def soft_streak(session: Connection | Session, subscriber_id: int) -> int:
     """Different issues with a soft bounce since the subscriber's last delivery event."""
     last_delivered = (
         select(func.max(BounceEvent.occurred_at))
