@@ -7,10 +7,11 @@ so a typo in ``.env`` never surfaces later as a stack trace mid-send.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, unquote, urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from dotenv import dotenv_values
@@ -19,6 +20,32 @@ from newsletter.errors import ConfigError
 
 DEFAULT_DATABASE_URL = "sqlite:///subscribers/newsletter.db"
 SMTP_SECURITY_MODES = ("starttls", "ssl", "none")
+MAILBOX_SCHEMES = {"imaps": 993, "imap": 143, "pop3s": 995}
+_SNS_TOPIC_ARN = re.compile(r"arn:aws[a-z-]*:sns:[a-z0-9-]+:\d{12}:[A-Za-z0-9_.-]{1,256}")
+
+
+@dataclass(frozen=True)
+class BounceMailbox:
+    """Where bounces arrive (``NEWSLETTER_BOUNCE_MAILBOX``): IMAP over TLS (``imaps``), IMAP
+    with STARTTLS (``imap``) or POP3 over TLS (``pop3s``). What was read is moved to
+    ``move_to`` (IMAP) or deleted (``delete``; POP3 always deletes)."""
+
+    scheme: str
+    host: str
+    port: int
+    username: str
+    password: str = field(repr=False)
+    folder: str = "INBOX"
+    move_to: str | None = "Processed"
+
+    @property
+    def delete(self) -> bool:
+        return self.move_to is None
+
+    def __str__(self) -> str:
+        """The mailbox for messages and logs, without its password."""
+        where = "" if self.scheme == "pop3s" else f"/{self.folder}"
+        return f"{self.scheme}://{self.username}@{self.host}:{self.port}{where}"
 
 
 @dataclass(frozen=True)
@@ -50,6 +77,13 @@ class Settings:
     allowed_redirects: tuple[str, ...] = ()
     frame_ancestors: tuple[str, ...] = ()
     archive: bool = True
+    bounce_address: str | None = None
+    bounce_mailbox: BounceMailbox | None = None
+    bounce_interval: int = 300
+    soft_bounce_limit: int = 3
+    webhook_secret_postmark: str | None = field(default=None, repr=False)
+    webhook_secret_mailgun: str | None = field(default=None, repr=False)
+    sns_topic_arns: tuple[str, ...] = ()
 
     @property
     def tz(self) -> ZoneInfo | None:
@@ -160,6 +194,91 @@ def _address(env: dict, name: str, default: str | None) -> str | None:
     return raw
 
 
+def _bounce_address(env: dict) -> str | None:
+    """A bare address (no display name): VERP puts ``+TOKEN`` before its ``@``."""
+    name = "NEWSLETTER_BOUNCE_ADDRESS"
+    raw = _text(env, name)
+    if raw is None:
+        return None
+    local, at, domain = raw.rpartition("@")
+    if (
+        not at
+        or not local
+        or "." not in domain
+        or re.search(r"[\s<>(),;:\\\"\[\]@]", local + domain)
+    ):
+        raise ConfigError(f"{name}: {raw!r} is not a bare address like bounces@example.com")
+    if not raw.isascii():
+        raise ConfigError(f"{name}: {raw!r} must be ASCII (servers rewrite the envelope otherwise)")
+    return raw
+
+
+def _bounce_mailbox(env: dict) -> BounceMailbox | None:
+    """``imaps://user:password@host[:port]/FOLDER[?move_to=FOLDER|?delete=yes]``, checked
+    without ever echoing the password."""
+    name = "NEWSLETTER_BOUNCE_MAILBOX"
+    raw = _text(env, name)
+    if raw is None:
+        return None
+    parts = urlsplit(raw)
+    shown = f"{parts.scheme}://{parts.hostname or ''}{parts.path}"
+    if parts.scheme not in MAILBOX_SCHEMES:
+        raise ConfigError(
+            f"{name}: {parts.scheme or raw!r} is not one of {', '.join(MAILBOX_SCHEMES)}"
+            " (e.g. imaps://user:password@mail.example.com/INBOX)"
+        )
+    try:
+        port = parts.port or MAILBOX_SCHEMES[parts.scheme]
+    except ValueError:
+        raise ConfigError(f"{name}: the port of {shown} is not a number") from None
+    if not parts.hostname:
+        raise ConfigError(f"{name}: {shown} has no host")
+    if not parts.username or parts.password is None:
+        raise ConfigError(f"{name}: {shown} needs a user and a password (user:password@host)")
+    query = parse_qs(parts.query, keep_blank_values=True)
+    unknown = sorted(set(query) - {"move_to", "delete"})
+    if unknown:
+        raise ConfigError(f"{name}: unknown option {unknown[0]!r} (move_to=FOLDER or delete=yes)")
+    folder = unquote(parts.path.strip("/")) or "INBOX"
+    move_to: str | None = query.get("move_to", ["Processed"])[-1].strip() or "Processed"
+    if query.get("delete", ["no"])[-1].lower() in {"yes", "true", "1"} or parts.scheme == "pop3s":
+        move_to = None
+    for label, value in (("folder", folder), ("move_to", move_to or "")):
+        if not value.isascii() or any(ord(c) < 32 for c in value):
+            raise ConfigError(f"{name}: the {label} {value!r} must be printable ASCII")
+    if move_to is not None and move_to == folder:
+        raise ConfigError(f"{name}: move_to must name another folder than {folder!r}")
+    return BounceMailbox(
+        parts.scheme,
+        parts.hostname,
+        port,
+        unquote(parts.username),
+        unquote(parts.password),
+        folder,
+        move_to,
+    )
+
+
+def _postmark_secret(env: dict) -> str | None:
+    name = "NEWSLETTER_WEBHOOK_SECRET_POSTMARK"
+    raw = _text(env, name)
+    if raw is not None and (":" not in raw or raw.startswith(":") or raw.endswith(":")):
+        raise ConfigError(f"{name}: must be user:password (the webhook's basic auth)")
+    return raw
+
+
+def _topic_arns(env: dict) -> tuple[str, ...]:
+    name = "NEWSLETTER_WEBHOOK_SNS_TOPIC_ARN"
+    arns = tuple((_text(env, name) or "").replace(",", " ").split())
+    for arn in arns:
+        if not _SNS_TOPIC_ARN.fullmatch(arn):
+            raise ConfigError(
+                f"{name}: {arn!r} is not an SNS topic ARN like "
+                "arn:aws:sns:us-east-1:123456789012:bounces"
+            )
+    return arns
+
+
 def load_settings(
     environ: Mapping[str, str] | None = None, dotenv_path: Path | None = None
 ) -> Settings:
@@ -208,4 +327,11 @@ def load_settings(
         allowed_redirects=_origins(env, "NEWSLETTER_ALLOWED_REDIRECTS"),
         frame_ancestors=_origins(env, "NEWSLETTER_FRAME_ANCESTORS"),
         archive=_switch(env, "NEWSLETTER_ARCHIVE", True),
+        bounce_address=_bounce_address(env),
+        bounce_mailbox=_bounce_mailbox(env),
+        bounce_interval=_int(env, "NEWSLETTER_BOUNCE_INTERVAL", 300, minimum=1),
+        soft_bounce_limit=_int(env, "NEWSLETTER_SOFT_BOUNCE_LIMIT", 3, minimum=1),
+        webhook_secret_postmark=_postmark_secret(env),
+        webhook_secret_mailgun=_text(env, "NEWSLETTER_WEBHOOK_SECRET_MAILGUN"),
+        sns_topic_arns=_topic_arns(env),
     )

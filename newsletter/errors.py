@@ -6,6 +6,7 @@
     ├── InputError             other bad input: CSV rows, addresses, names, times (exit 2)
     │   └── InvalidField       one field's value, with the field and the reason apart
     ├── DeliveryError          the send could not finish: SMTP unreachable, login refused (exit 1)
+    ├── MailboxError           the bounce mailbox cannot be read: unreachable, login refused (1)
     └── ServiceError           a server process stopped on its own (exit 1)
 
 Each carries ``exit_code`` so the CLI maps it without knowing the subclasses.
@@ -40,6 +41,12 @@ class InvalidField(InputError):
 
 class DeliveryError(NewsletterError):
     """Mail could not be delivered as a whole (unreachable server, refused login)."""
+
+    exit_code = 1
+
+
+class MailboxError(NewsletterError):
+    """The bounce mailbox cannot be read now; the worker tries again next round."""
 
     exit_code = 1
 

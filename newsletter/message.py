@@ -37,6 +37,7 @@ _TEXT_FIELDS = re.compile(r"@@NL_(NAME|EMAIL|UNSUBSCRIBE_URL)@@")
 _PLACEHOLDER_TEXT = re.compile(r"@@NL_[A-Z_]+@@")  # in a one-off's finished text: not ours
 _SET_FIELDS = frozenset({"email", "unsubscribe_url"})  # every recipient has these
 CRLF = "\r\n"
+DELIVERY_HEADER = "X-Newsletter-Delivery"  # the bounce parser looks for it (newsletter.verp)
 
 
 def clean_header_value(value: str) -> str:
@@ -155,6 +156,7 @@ class Recipient:
     name: str | None
     unsubscribe_url: str
     message_id: str
+    delivery_token: str = ""  # names the delivery in returned bounces (DELIVERY_HEADER)
 
 
 class WireTemplate:
@@ -262,6 +264,7 @@ class MessageTemplate:
                 f"List-Id: {address_header(list_name, f'{slug}.{list_host}')}",
                 f"List-Unsubscribe: <{placeholder('header_unsubscribe_url')}>",
                 "List-Unsubscribe-Post: List-Unsubscribe=One-Click",
+                f"{DELIVERY_HEADER}: {placeholder('delivery_token')}",
             ),
         )
         text = _TEXT_FIELDS.sub(r"@@NL_TEXT_\1@@", issue.text)
@@ -286,6 +289,7 @@ class MessageTemplate:
             "date": self._clock.now(),
             "message_id": clean_header_value(recipient.message_id),
             "header_unsubscribe_url": url,
+            "delivery_token": clean_header_value(recipient.delivery_token),
             "unsubscribe_url": qp_value(escape(url)),
             "name": qp_value(escape(name)),
             "email": qp_value(escape(recipient.email)),
@@ -306,11 +310,14 @@ def one_off(
     message_id: str,
     reply_to: str | None = None,
     extra: Sequence[str] = (),
+    delivery_token: str = "",
 ) -> bytes:
     """A single message (a confirmation, a welcome) as SMTP wire bytes.
 
     ``To`` is the bare address: whatever else a visitor typed never heads mail to a stranger.
     """
+    if delivery_token:
+        extra = (*extra, f"{DELIVERY_HEADER}: {clean_header_value(delivery_token)}")
     lines = headers(from_address=from_address, subject=subject, reply_to=reply_to, extra=extra)
     wire = WireTemplate(lines, _PLACEHOLDER_TEXT.sub("", text), _PLACEHOLDER_TEXT.sub("", html))
     values = {

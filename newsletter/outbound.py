@@ -30,7 +30,9 @@ def confirmation_subject(settings: Settings) -> str:
     return f"Confirm your subscription to {settings.list_name}"
 
 
-def confirmation(settings: Settings, tokens: Tokens, email: str, message_id: str) -> bytes:
+def confirmation(
+    settings: Settings, tokens: Tokens, email: str, message_id: str, delivery_token: str = ""
+) -> bytes:
     """The double opt-in mail for ``email`` (already normalised) from the templates
     ``confirm_email.txt`` and ``confirm_email.html``, as wire bytes."""
     values = {
@@ -50,6 +52,7 @@ def confirmation(settings: Settings, tokens: Tokens, email: str, message_id: str
         html=env.get_template("confirm_email.html").render(values),
         message_id=message_id,
         extra=("Auto-Submitted: auto-generated",),
+        delivery_token=delivery_token,
     )
 
 
@@ -68,9 +71,9 @@ def queue_confirmations(session: Session, emails: Iterable[str]) -> int:
 
 
 def one_off_message(
-    settings: Settings, tokens: Tokens, delivery: Claimed, message_id: str
+    settings: Settings, tokens: Tokens, delivery: Claimed, message_id: str, delivery_token: str = ""
 ) -> bytes:
     """The message of a one-off delivery, by its kind, as wire bytes."""
     if delivery.kind == "confirm":
-        return confirmation(settings, tokens, delivery.email, message_id)
+        return confirmation(settings, tokens, delivery.email, message_id, delivery_token)
     raise ValueError(f"no message of kind {delivery.kind!r}")

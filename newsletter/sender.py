@@ -63,6 +63,7 @@ from newsletter.render import RenderedIssue, render_issue
 from newsletter.store import Issue, Store, Subscriber, utcnow
 from newsletter.tokens import Tokens, unsubscribe_url
 from newsletter.transports import Message, Outcome, Transport, make_transport
+from newsletter.verp import Verp
 
 log = logging.getLogger(__name__)
 
@@ -266,6 +267,7 @@ class Sender:
         self.envelope_from = envelope_address(settings.from_address)
         self.pacer = Pacer(settings.send_rate)
         self.tokens = Tokens(store.secret_key(settings.secret_key))
+        self.verp = Verp.of(settings, store.secret_key(settings.secret_key))
         self._lock = threading.Lock()
         self._last_note = 0.0
 
@@ -487,20 +489,22 @@ class _Worker:
                 continue
             sender.pacer.wait()
             self.waiting = delivery  # until its answer: the next draw comes before its body
-            yield delivery, Message(sender.envelope_from, wire_address(delivery.email), data)
+            envelope_from = sender.verp.envelope_from(delivery.id)
+            yield delivery, Message(envelope_from, wire_address(delivery.email), data)
 
     def _message(self, delivery: Claimed) -> bytes:
         """The wire bytes of a delivery's message."""
         sender = self.sender
         message_id = delivery_message_id(delivery.id, self.owner, sender.takeover.domain)
+        token = sender.verp.token(delivery.id)
         if delivery.kind is not None:
-            return one_off_message(sender.settings, sender.tokens, delivery, message_id)
+            return one_off_message(sender.settings, sender.tokens, delivery, message_id, token)
         template = self.run_.template
         assert template is not None
         url = unsubscribe_url(
             sender.settings.site_url, sender.tokens.unsubscribe_token(delivery.email)
         )
-        return template.build(Recipient(delivery.email, delivery.name, url, message_id))
+        return template.build(Recipient(delivery.email, delivery.name, url, message_id, token))
 
     def _recorded(self, delivery: Claimed, outcome: Outcome) -> None:
         """Take in the server's answer to one message."""

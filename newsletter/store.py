@@ -11,8 +11,9 @@ Statuses, held by CHECK constraints:
     subscribers.status    pending       signed up, waiting for the confirmation click
                           active        gets every issue
                           unsubscribed  asked to stop; the row stays so they are never mailed again
-                          bounced       the server said the address does not exist (5.1.x)
-                          complained    marked an issue as spam
+                          bounced       the server said the address does not exist (5.1.x),
+                                        a DSN said 5.x.x, or soft bounces ran over the limit
+                          complained    marked an issue as spam (a feedback report, a webhook)
     issues.status         sending       created with its ledger (one delivery per active
                                         subscriber) in one transaction; unfinished, resumable
                           sent          every delivery reached a final state
@@ -84,6 +85,8 @@ SOURCES = ("cli", "import", "form")
 ISSUE_STATUSES = ("sending", "sent", "cancelled")
 DELIVERY_STATUSES = ("queued", "sending", "sent", "failed", "bounced", "skipped")
 ONE_OFF_KINDS = ("confirm",)  # what one-off mail can be: the worker builds it as it sends
+BOUNCE_KINDS = ("hard", "soft", "complaint", "delivered")
+BOUNCE_SOURCES = ("mailbox", "process", "ses", "postmark", "mailgun")
 SCHEDULE_KINDS = ("once", "cron")
 SCHEDULE_STATUSES = ("scheduled", "running", "done", "missed", "failed", "cancelled")
 
@@ -273,6 +276,34 @@ class Schedule(Base):
     last_result: Mapped[str | None] = mapped_column(Text)
     # The sender running it now: another worker takes a run over only once that one is dead.
     claimed_by: Mapped[str | None] = mapped_column(Text)
+
+
+class BounceEvent(Base):
+    """A bounce, complaint or (when it ends a run of soft bounces) delivery, reported after
+    the send by a DSN, a feedback report or a provider's webhook; ``event_key`` names the
+    report, so the same one read twice is kept once."""
+
+    __tablename__ = "bounce_events"
+    __table_args__ = (
+        CheckConstraint(_one_of("kind", BOUNCE_KINDS), name="kind"),
+        CheckConstraint(_one_of("source", BOUNCE_SOURCES), name="source"),
+        Index(None, "subscriber_id", "occurred_at"),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    event_key: Mapped[str] = mapped_column(String(64), unique=True)
+    subscriber_id: Mapped[int] = mapped_column(ForeignKey("subscribers.id", ondelete="CASCADE"))
+    email: Mapped[str] = mapped_column(String(320))  # the address the report was about
+    issue_id: Mapped[int | None] = mapped_column(
+        ForeignKey("issues.id", ondelete="SET NULL"), index=True
+    )
+    delivery_id: Mapped[int | None] = mapped_column(BigInteger().with_variant(Integer(), "sqlite"))
+    kind: Mapped[str] = mapped_column(String(16))
+    source: Mapped[str] = mapped_column(String(16))
+    status: Mapped[str | None] = mapped_column(String(32))  # 5.1.1, or a complaint's type
+    detail: Mapped[str | None] = mapped_column(Text)  # the server's words
+    occurred_at: Mapped[datetime] = mapped_column(UtcDateTime)
+    received_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
 
 
 class Setting(Base):

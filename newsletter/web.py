@@ -33,7 +33,7 @@ from flask import request as flask_request
 from werkzeug.exceptions import HTTPException, MethodNotAllowed
 from werkzeug.middleware.proxy_fix import ProxyFix
 
-from newsletter import signup
+from newsletter import signup, web_hooks
 from newsletter.config import Settings, load_settings
 from newsletter.migrate import schema_is_current
 from newsletter.render import template_environment
@@ -92,6 +92,7 @@ def create_app(settings: Settings | None = None, store: Store | None = None) -> 
         {embeddable: security_headers(settings, embeddable) for embeddable in (False, True)},
     )
     app.register_blueprint(bp)
+    app.register_blueprint(web_hooks.bp)
     from newsletter.web_archive import bp as archive_bp  # it builds on this module
 
     app.register_blueprint(archive_bp)

@@ -1,7 +1,8 @@
 """``newsletter worker``: the one long-running process that sends and waits.
 
 It sends one-off mail (confirmations) as soon as it is queued, runs scheduled sends
-(:class:`~newsletter.scheduling.Scheduler`) and does the housekeeping of old rows. On
+(:class:`~newsletter.scheduling.Scheduler`), reads the bounce mailbox every
+``NEWSLETTER_BOUNCE_INTERVAL`` seconds and does the housekeeping of old rows. On
 PostgreSQL a queued message wakes it at once (``LISTEN``/``NOTIFY``); on SQLite it looks
 every ``NEWSLETTER_WORKER_POLL`` seconds. With no worker running, mail waits in the
 database, never lost; any number of workers can share one PostgreSQL database.
@@ -18,6 +19,7 @@ from datetime import datetime, timedelta
 
 from sqlalchemy import exists, or_, select
 
+from newsletter.bounce_mailbox import Poller
 from newsletter.config import Settings
 from newsletter.ledger import (
     MAIL_CHANNEL,
@@ -108,6 +110,7 @@ class Worker:
         self.scheduler = Scheduler(store, settings, stop=stop, clock=clock)
         self.clock = clock
         self._wakeup = _Wakeup(store, settings.worker_poll, stop)
+        self.bounces = Poller(store, settings, stop)
 
     def run(self, on_ready: Callable[[], None] = lambda: None) -> None:
         with self.scheduler.running():
@@ -119,6 +122,7 @@ class Worker:
                 if now >= next_tick:
                     self._guarded("queued mail", self.reclaim)
                     self._guarded("scheduled sends", self.scheduler.tick)
+                    self._guarded("bounce mailbox", self.bounces.tick)
                     next_tick = now + TICK
                 if now >= next_housekeeping:
                     self._guarded("housekeeping", self.housekeeping)

@@ -59,8 +59,9 @@ def test_every_command_has_an_example_in_its_help() -> None:
 def test_no_merge_conflict_is_left_in_the_sources() -> None:
     """No file of the project carries a merge conflict's markers."""
     markers = ("<" * 7 + " ", ">" * 7 + " ")
+    suffixes = {".py", ".md", ".html", ".txt", ".toml", ".yaml", ".service"}
     for path in ROOT.rglob("*"):
-        if path.is_file() and not {".git", ".venv", "artifacts"} & set(path.parts):
-            if path.suffix in {".py", ".md", ".html", ".txt", ".toml", ".yaml", ".service"}:
-                lines = path.read_text("utf-8", "replace").splitlines()
-                assert not [line for line in lines if line.startswith(markers)], path
+        skipped = {".git", ".venv", "artifacts"} & set(path.parts)
+        if path.is_file() and not skipped and path.suffix in suffixes:
+            lines = path.read_text("utf-8", "replace").splitlines()
+            assert not [line for line in lines if line.startswith(markers)], path

@@ -28,6 +28,7 @@ COMMANDS = {
     "serve": "serve:serve",
     "preview": "preview:preview",
     "db": "db:group",
+    "bounces": "bounces:group",
 }
 
 

@@ -47,10 +47,12 @@ def list_(fmt: str) -> None:
 @group.command()
 @click.argument("issue_id", type=int)
 def show(issue_id: int) -> None:
-    """Show one issue: counts, and the addresses that failed with the server's answer.
+    """Show one issue: counts, bounces and complaints reported after the send, and the
+    addresses that failed with the server's answer.
 
     Example: newsletter issues show 3
     """
+    from newsletter.bounces import issue_bounces
     from newsletter.errors import InputError
     from newsletter.ledger import describe_issues, failed_deliveries
     from newsletter.store import open_store
@@ -60,8 +62,17 @@ def show(issue_id: int) -> None:
         if not rows:
             raise InputError(f"issue {issue_id}: no such issue")
         failures = failed_deliveries(session, issue_id)
+        returned = issue_bounces(session, issue_id, rows[0]["sent"])
     for key, value in rows[0].items():
         click.echo(f"{key + ':':13} {value}")
+    for label, count in (
+        ("hard bounces", returned.hard),
+        ("soft bounces", returned.soft),
+        ("complaints", returned.complaints),
+    ):
+        click.echo(f"{label + ':':13} {count} ({returned.rate(count):.2%} of sent)")
+    if returned.complaint_warning:
+        click.echo(f"warning: {returned.complaint_warning}", err=True)
     for email, status, answer in failures:
         click.echo(f"  {status}: {email}: {answer}")
 

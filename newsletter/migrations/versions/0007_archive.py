@@ -9,7 +9,7 @@ lists them too; their page is the content of the rendered email kept with them (
 body cell of the shipped template, without its inline styles, preheader and footer).
 
 Revision ID: 0007
-Revises: 0005
+Revises: 0006
 Create Date: 2026-12-01
 """
 
@@ -22,7 +22,7 @@ from lxml import html as lxml_html
 from slugify import slugify
 
 revision = "0007"
-down_revision = "0005"
+down_revision = "0006"
 branch_labels = None
 depends_on = None
 
