@@ -41,6 +41,7 @@ from newsletter.store import Store, open_store
 from newsletter.tokens import CONFIRM_MAX_AGE, InvalidToken, Tokens
 
 MAX_BODY_BYTES = 16 * 1024  # a signup is well under 1 KB; anything bigger is not a person
+WEBHOOK_BODY_BYTES = 1024 * 1024  # a provider's event may carry the bounced message's text
 TOKEN_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
 FORM_TYPES = ("application/x-www-form-urlencoded", "multipart/form-data")
 UTF8_NAMES = ("utf-8", "utf8", "us-ascii", "ascii")
@@ -299,14 +300,21 @@ def _bad_token(exc: InvalidToken) -> Response:
     return _error_page(400, message=message)
 
 
+def _body_limit() -> int:
+    """How big a request body may be: a form's size, or a provider's webhook event's."""
+    webhook = flask_request.path.startswith("/webhooks/")
+    return WEBHOOK_BODY_BYTES if webhook else MAX_BODY_BYTES
+
+
 def _check_body() -> Response | None:
-    """Refuse a body over MAX_BODY_BYTES, and a form that is not UTF-8, before a route
-    reads it: Werkzeug decodes every form as UTF-8, replacing what is not, and ignores a
+    """Refuse a body over its limit, and a form that is not UTF-8, before a route reads
+    it: Werkzeug decodes every form as UTF-8, replacing what is not, and ignores a
     declared charset, so such a form would lose its name or address without a word."""
     environ = flask_request.environ
+    limit = flask_request.max_content_length = _body_limit()
     if not environ.get("CONTENT_LENGTH") and environ.get("wsgi.input_terminated"):
-        _take_chunked_body(environ)  # no Content-Length: Werkzeug would read it unbounded
-    if (flask_request.content_length or 0) > MAX_BODY_BYTES:
+        _take_chunked_body(environ, limit)  # no Content-Length: Werkzeug reads it unbounded
+    if (flask_request.content_length or 0) > limit:
         abort(413)
     if flask_request.mimetype not in FORM_TYPES:
         return None
@@ -315,7 +323,7 @@ def _check_body() -> Response | None:
     if charset not in UTF8_NAMES:
         problem = f"The form was sent as {charset.upper()}; this site reads UTF-8 only."
     else:
-        body = flask_request.get_data(cache=True)  # at most MAX_BODY_BYTES by now
+        body = flask_request.get_data(cache=True)  # within the limit by now
         try:
             text = body.decode("utf-8")
             if flask_request.mimetype == "application/x-www-form-urlencoded":
@@ -331,14 +339,14 @@ def _check_body() -> Response | None:
     )
 
 
-def _take_chunked_body(environ: dict) -> None:
+def _take_chunked_body(environ: dict, limit: int) -> None:
     """Read a body sent without Content-Length (chunked) up to one byte over the limit:
     413 past it, else hand it on as an ordinary body of known length (before anything
     reads ``request.content_length``, which Werkzeug keeps once read)."""
     stream, data = environ["wsgi.input"], b""
-    while len(data) <= MAX_BODY_BYTES and (chunk := stream.read(MAX_BODY_BYTES + 1 - len(data))):
+    while len(data) <= limit and (chunk := stream.read(limit + 1 - len(data))):
         data += chunk
-    if len(data) > MAX_BODY_BYTES:
+    if len(data) > limit:
         abort(413)
     environ["wsgi.input"] = io.BytesIO(data)
     environ["CONTENT_LENGTH"] = str(len(data))

@@ -282,6 +282,18 @@ def test_postmark_with_basic_auth(hooks, store) -> None:
     assert status_of(store, "spam@example.org") == "complained"
 
 
+def test_a_webhook_event_carrying_the_bounced_message_is_taken(hooks, store) -> None:
+    """Postmark with "include bounce content" sends the returned message along: a body far
+    over the signup form's 16 KB is taken on a webhook route; one over 1 MB is refused."""
+    [gone] = send_issue(store, "gone@example.org")
+    auth = _basic("postmark", "hook-password")
+    event = _postmark(gone) | {"Content": "Received: from mx\r\n" + "x" * 200_000}
+    assert hooks.post("/webhooks/postmark", json=event, headers=auth).status_code == 200
+    assert status_of(store, "gone@example.org") == "bounced"
+    huge = _postmark(gone) | {"Content": "x" * 1_100_000}
+    assert hooks.post("/webhooks/postmark", json=huge, headers=auth).status_code == 413
+
+
 @pytest.mark.parametrize("auth", [{}, _basic("postmark", "wrong"), {"Authorization": "Bearer x"}])
 def test_postmark_without_the_password_is_refused(hooks, store, auth: dict) -> None:
     """No or wrong basic auth: 401 with a challenge, and nothing changes."""
