@@ -413,6 +413,30 @@ def test_sigterm_stops_cleanly_and_resume_sends_no_duplicate(
     _assert_ledger_matches(store, issue_id, copies)
 
 
+def _pause_outside_a_write(process: subprocess.Popen[str], store: Store) -> None:
+    """SIGSTOP ``process`` at a moment it holds no SQLite write lock. A process stopped in
+    the middle of a write keeps SQLite's one writer slot, and every other writer waits until
+    it runs again: that is SQLite, not the sender (on PostgreSQL the server ends a session
+    idle in a transaction for the claim timeout, which the other test run covers)."""
+    import sqlite3
+
+    for _ in range(200):
+        process.send_signal(signal.SIGSTOP)
+        if not store.sqlite:
+            return
+        probe = sqlite3.connect(store.engine.url.database, timeout=0, isolation_level=None)
+        try:
+            probe.execute("BEGIN IMMEDIATE")
+            probe.execute("ROLLBACK")
+            return
+        except sqlite3.OperationalError:
+            process.send_signal(signal.SIGCONT)
+            time.sleep(0.005)
+        finally:
+            probe.close()
+    raise AssertionError("the sender never let go of the write lock")
+
+
 def test_a_sender_paused_past_the_claim_timeout_sends_nothing_twice(
     store: Store,
     sink: SinkProcess,
@@ -427,7 +451,7 @@ def test_a_sender_paused_past_the_claim_timeout_sends_nothing_twice(
     senders.env["NEWSLETTER_CLAIM_TIMEOUT"] = "2"
     paused = senders.start("send", "digest.md", "--yes")
     sink.wait_for(RECIPIENTS // 10, paused)
-    paused.send_signal(signal.SIGSTOP)
+    _pause_outside_a_write(paused, store)
     try:
         at_pause = sink.settle()
         issue_id = _issue_id(store)
