@@ -19,8 +19,8 @@ from smtp_sink import SmtpSink, in_fraction
 from newsletter.config import load_settings
 from newsletter.errors import DeliveryError
 from newsletter.transports import (
-    Message,
     MemoryTransport,
+    Message,
     OutboxTransport,
     Outcome,
     SmtpTransport,

@@ -27,6 +27,7 @@ COMMANDS = {
     "serve": "serve:serve",
     "preview": "preview:preview",
     "db": "db:group",
+    "doctor": "doctor:doctor",
 }
 
 
