@@ -21,8 +21,11 @@ import os
 import re
 import socket
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from email.utils import parseaddr
+
+import dns.exception
+import dns.resolver
 
 from newsletter.config import Settings
 from newsletter.errors import ConfigError, DeliveryError
@@ -58,7 +61,7 @@ class Dns:
         self.server, self.timeout = server, timeout
         self._cache: dict[str, list[str]] = {}
         self._dead: str | None = None
-        self._resolver = None
+        self._resolver: dns.resolver.Resolver | None = None
 
     @property
     def where(self) -> str:
@@ -67,9 +70,7 @@ class Dns:
         host, port = self.server
         return f"DNS server {host}:{port}"
 
-    def _make_resolver(self):
-        import dns.resolver
-
+    def _make_resolver(self) -> dns.resolver.Resolver:
         if self.server is None:
             try:
                 resolver = dns.resolver.Resolver()
@@ -91,9 +92,6 @@ class Dns:
 
     def txt(self, name: str) -> list[str]:
         """The TXT records at ``name``, each one's strings joined; [] when there are none."""
-        import dns.exception
-        import dns.resolver
-
         name = name.lower().rstrip(".")
         if name in self._cache:
             return self._cache[name]
@@ -137,11 +135,12 @@ def domain_of(address: str) -> str:
 
 @dataclass
 class _Spf:
-    lookups: int = 0
-    problems: list[str] | None = None
+    """What following an SPF record found: the lookups a receiver makes, what is broken,
+    and the qualifier of the ``all`` that ends it (a redirect's, when it has none)."""
 
-    def problem(self, text: str) -> None:
-        self.problems = [*(self.problems or []), text]
+    lookups: int = 0
+    problems: list[str] = field(default_factory=list)
+    final: str | None = None
 
 
 def _spf_records(dns: Dns, domain: str) -> list[str]:
@@ -160,14 +159,17 @@ def _spf_terms(record: str) -> Iterator[tuple[str, str, str]]:
         yield term[0] if qualified else "+", name.lower(), argument
 
 
-def _count_spf(dns: Dns, domain: str, record: str, state: _Spf, seen: set[str]) -> None:
-    """Add the DNS lookups ``record`` costs a receiver, includes and redirects followed."""
+def _follow_spf(dns: Dns, record: str, state: _Spf, seen: set[str], top: bool) -> None:
+    """Add the DNS lookups ``record`` costs a receiver, includes and redirects followed;
+    ``top``: the record (or a redirect of it) whose ``all`` decides."""
     terms = list(_spf_terms(record))
-    has_all = any(name == "all" for _, name, _ in terms)
+    final = next((qualifier for qualifier, name, _ in terms if name == "all"), None)
+    if top and final is not None:
+        state.final = final
     for _, name, argument in terms:
         if name in SPF_LOOKUP_TERMS:
             state.lookups += 1
-        if name not in ("include", "redirect") or (name == "redirect" and has_all):
+        if name not in ("include", "redirect") or (name == "redirect" and final is not None):
             continue
         if name == "redirect":
             state.lookups += 1
@@ -180,9 +182,9 @@ def _count_spf(dns: Dns, domain: str, record: str, state: _Spf, seen: set[str]) 
         found = _spf_records(dns, target)
         if len(found) != 1:
             what = "no SPF record" if not found else f"{len(found)} SPF records"
-            state.problem(f"{name}:{target} has {what} (a permanent error at receivers)")
+            state.problems.append(f"{name}:{target} has {what} (a permanent error at receivers)")
             continue
-        _count_spf(dns, target, found[0], state, seen)
+        _follow_spf(dns, found[0], state, seen, top and name == "redirect")
 
 
 def check_spf(dns: Dns, domain: str, role: str = "From") -> Check:
@@ -206,18 +208,15 @@ def check_spf(dns: Dns, domain: str, role: str = "From") -> Check:
             )
         record = records[0]
         state = _Spf()
-        _count_spf(dns, domain, record, state, {domain})
+        _follow_spf(dns, record, state, {domain}, top=True)
     except DnsFailure as exc:
         return Check(name, FAIL, f"cannot look it up: {exc}")
-    terms = list(_spf_terms(record))
-    final = next((q for q, term, _ in terms if term == "all"), None)
-    redirected = any(term == "redirect" for _, term, _ in terms)
-    if final == "+":
+    if state.final == "+":
         return Check(
             name,
             FAIL,
-            f'"{record}" ends in +all, which lets anyone send as {domain}: end it with ~all '
-            "or -all",
+            f'"{record}" ends in +all (or a redirect does), which lets anyone send as '
+            f"{domain}: end it with ~all or -all",
         )
     if state.problems:
         return Check(name, FAIL, f'"{record}": {"; ".join(state.problems)}')
@@ -230,7 +229,7 @@ def check_spf(dns: Dns, domain: str, role: str = "From") -> Check:
             "replace some with ip4:/ip6: ranges",
         )
     summary = f'"{record}" ({state.lookups} of {SPF_LOOKUP_LIMIT} DNS lookups)'
-    if final == "?" or (final is None and not redirected):
+    if state.final in ("?", None):
         return Check(
             name,
             WARN,
@@ -310,7 +309,8 @@ def check_dkim(dns: Dns, settings: Settings) -> Check:
     try:
         tags = _tags(records[0])
     except ValueError as exc:
-        return Check("DKIM", FAIL, f"the record at {name} is malformed near {exc}: {publish}")
+        fix = f": {publish}" if publish else ""
+        return Check("DKIM", FAIL, f"the record at {name} is malformed near {exc!s}{fix}")
     kind = tags.get("k", "rsa").lower()
     problem = None
     if tags.get("v", "DKIM1") != "DKIM1":
@@ -482,14 +482,16 @@ def _alignment(
     fix = (
         f"set NEWSLETTER_DKIM_DOMAIN to {from_domain} (and publish its key there)"
         if dkim_domain is not None
-        else "make the relay sign with your From domain"
+        else f"make sure the relay signs with d={from_domain}"
     )
     if spf_ok:
         return Check(
             name,
-            WARN if dkim_domain is None else FAIL,
+            WARN,
             f"{dkim_text}; {spf_text}, so DMARC rests on SPF alone, which forwarding breaks: {fix}",
         )
+    if dkim_domain is None:
+        return Check(name, WARN, f"{dkim_text}; {spf_text}, so DMARC rests on that: {fix}")
     return Check(name, FAIL, f"{dkim_text}, and {spf_text}: DMARC fails for every message: {fix}")
 
 

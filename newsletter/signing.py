@@ -180,8 +180,13 @@ def message_signer(settings: Settings) -> Signer:
         return _unchanged
     if not settings.dkim_selector:
         raise ConfigError(f"NEWSLETTER_DKIM_SELECTOR: required with {KEY_VARIABLE}")
-    key = load_key(settings.dkim_private_key)
-    return DkimSigner(key, settings.dkim_selector, signing_domain(settings))
+    domain = signing_domain(settings)
+    if not re.fullmatch(r"[a-z0-9_-]+(\.[a-z0-9_-]+)*", domain):
+        raise ConfigError(
+            f"NEWSLETTER_DKIM_DOMAIN: the From address's domain {domain!r} cannot be a DKIM "
+            "domain; set NEWSLETTER_DKIM_DOMAIN"
+        )
+    return DkimSigner(load_key(settings.dkim_private_key), settings.dkim_selector, domain)
 
 
 def relaxed_body(body: bytes) -> bytes:

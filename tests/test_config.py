@@ -74,6 +74,11 @@ def test_password_never_in_repr() -> None:
             "NEWSLETTER_DKIM_PRIVATE_KEY",
             "cannot read /nonexistent/dkim.pem",
         ),
+        (
+            {"NEWSLETTER_DKIM_PRIVATE_KEY": "/"},
+            "NEWSLETTER_DKIM_PRIVATE_KEY",
+            "cannot read /: Is a directory",
+        ),
         ({"NEWSLETTER_DNS_SERVER": "127.0.0.1:abc"}, "NEWSLETTER_DNS_SERVER", "HOST:PORT"),
         ({"NEWSLETTER_DNS_SERVER": "[::1"}, "NEWSLETTER_DNS_SERVER", "HOST:PORT"),
         ({"NEWSLETTER_DNS_SERVER": "ns.example.com:0"}, "NEWSLETTER_DNS_SERVER", "port 0"),

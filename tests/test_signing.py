@@ -175,6 +175,13 @@ def test_signature_timestamp_is_the_clock(issue, keys) -> None:
     assert b" t=1000000000;" in signed.split(b"\r\n\r\n")[0]
 
 
+def test_from_domain_that_cannot_sign_is_refused(keys) -> None:
+    """A From domain that is no DNS name stops signing at start, naming the variable."""
+    settings = _settings(keys["rsa"], NEWSLETTER_FROM="News <news@exa$mple.com>")
+    with pytest.raises(ConfigError, match=r"^NEWSLETTER_DKIM_DOMAIN: the From address's domain"):
+        message_signer(settings)
+
+
 def test_unconfigured_signer_leaves_bytes_alone(issue) -> None:
     """Without a key, the bytes go out exactly as built."""
     settings = _settings(None)
