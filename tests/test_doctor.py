@@ -18,8 +18,10 @@ from newsletter.doctor import (
     OK,
     WARN,
     Dns,
+    check_bounce_address,
     check_dkim,
     check_dmarc,
+    check_site_url,
     check_smtp,
     check_spf,
     check_unsubscribe,
@@ -311,6 +313,28 @@ def test_unsubscribe_headers_on_the_sample(keys) -> None:
     stripped = _sample(settings).replace(b"List-Unsubscribe-Post: ", b"X-Removed: ")
     missing = check_unsubscribe(stripped, settings)
     assert missing.status == FAIL and "List-Unsubscribe-Post" in missing.message
+
+
+def test_unsubscribe_check_with_a_key_that_cannot_sign(tmp_path: Path) -> None:
+    """The headers are still checked when the key is broken; the line points at DKIM."""
+    bad = tmp_path / "bad.pem"
+    bad.write_text("not a key", "utf-8")
+    settings = _settings(key=bad)
+    check = check_unsubscribe(_sample(settings), settings)
+    assert check.status == OK and "not signed: see the DKIM line" in check.message
+
+
+def test_site_url_and_bounce_address(monkeypatch) -> None:
+    """A site URL on this machine or over http warns; https passes; the bounce address is
+    read from the environment when the settings do not carry it."""
+    assert check_site_url(_settings(NEWSLETTER_SITE_URL="http://127.0.0.1:8000")).status == WARN
+    assert check_site_url(_settings(NEWSLETTER_SITE_URL="http://news.example.com")).status == WARN
+    assert check_site_url(_settings()).status == OK
+    monkeypatch.delenv("NEWSLETTER_BOUNCE_ADDRESS", raising=False)
+    assert check_bounce_address(_settings()).status == WARN
+    monkeypatch.setenv("NEWSLETTER_BOUNCE_ADDRESS", "bounces@example.com")
+    bounce = check_bounce_address(_settings())
+    assert bounce.status == OK and bounce.message.startswith("bounces@example.com")
 
 
 # The command -----------------------------------------------------------------------------
