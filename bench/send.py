@@ -287,7 +287,12 @@ def dkim_settings(work: Path) -> dict[str, str]:
             serialization.NoEncryption(),
         )
     )
-    return {"NEWSLETTER_DKIM_PRIVATE_KEY": str(path), "NEWSLETTER_DKIM_SELECTOR": DKIM_SELECTOR}
+    dkim = {"NEWSLETTER_DKIM_PRIVATE_KEY": str(path), "NEWSLETTER_DKIM_SELECTOR": DKIM_SELECTOR}
+    from newsletter.signing import DkimSigner, message_signer
+
+    if not isinstance(message_signer(_settings("sqlite://", 25, 1, dkim)), DkimSigner):
+        raise SystemExit("the DKIM settings do not turn signing on: the signed figures would lie")
+    return dkim
 
 
 def baseline_message() -> tuple[str, bytes]:

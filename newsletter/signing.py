@@ -5,14 +5,15 @@ a ``DKIM-Signature`` header (relaxed/relaxed) prepended to its wire bytes, so th
 stays correct (CRLF, dot-stuffed) and nothing else of the message changes.
 
 A send of one issue signs thousands of messages that differ only in a few personal
-fields, so the key is parsed once (per process and key file) and each message costs only
-what differs per message: its body hash and the header signature. The DKIM procedure
-(header parsing, selection and canonicalisation, the signature header's hash) is dkimpy's;
-the body canonicalisation gives dkimpy's result with a literal-prefix regex instead of
-one that matches every space of a 20 KB HTML part; and the private-key operation is
-OpenSSL's through ``cryptography`` (dkimpy's RSA is pure-Python big-int arithmetic,
-milliseconds per signature under the GIL). dkimpy and cryptography are imported only
-once a key is configured: an unsigned send never loads them.
+fields (the unsubscribe link among them, so no two bodies are alike), so the key is parsed
+once per process and key file, the header fields all copies share are canonicalised once,
+and each message costs only what differs per message: its body hash and the signature.
+The DKIM procedure (header parsing, selection and canonicalisation, the signature
+header's hash) is dkimpy's. The body canonicalisation gives dkimpy's result with a
+literal-prefix regex instead of one that stops at every space of the HTML part, and the
+private-key operation is OpenSSL's through ``cryptography``: dkimpy's RSA is pure-Python
+big-int arithmetic, far slower per signature. dkimpy and cryptography are imported only
+once a key is configured, so an unsigned send never loads them.
 """
 
 from __future__ import annotations
