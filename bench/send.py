@@ -274,22 +274,28 @@ def command_send(
 
 
 def dkim_settings(work: Path) -> dict[str, str]:
-    """A 2048-bit RSA key made for this run, as the settings that make every message signed."""
+    """The settings of a signed send: a 2048-bit RSA key made for this run, in a child, so
+    this process never loads cryptography (a child's peak RSS counts its parent's at fork)."""
+    return in_child("dkim_key", path=str(work / "dkim-bench.pem"))
+
+
+def child_dkim_key(spec: dict[str, Any]) -> dict[str, str]:
+    """Write a new RSA 2048 key; its settings, once they are shown to turn signing on."""
+    _import_root()
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import rsa
 
+    from newsletter.signing import DkimSigner, message_signer
+
     key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    path = work / "dkim-bench.pem"
-    path.write_bytes(
+    Path(spec["path"]).write_bytes(
         key.private_bytes(
             serialization.Encoding.PEM,
             serialization.PrivateFormat.PKCS8,
             serialization.NoEncryption(),
         )
     )
-    dkim = {"NEWSLETTER_DKIM_PRIVATE_KEY": str(path), "NEWSLETTER_DKIM_SELECTOR": DKIM_SELECTOR}
-    from newsletter.signing import DkimSigner, message_signer
-
+    dkim = {"NEWSLETTER_DKIM_PRIVATE_KEY": spec["path"], "NEWSLETTER_DKIM_SELECTOR": DKIM_SELECTOR}
     if not isinstance(message_signer(_settings("sqlite://", 25, 1, dkim)), DkimSigner):
         raise SystemExit("the DKIM settings do not turn signing on: the signed figures would lie")
     return dkim
@@ -828,7 +834,7 @@ def main() -> None:
     options = parser.parse_args()
     if options.child:
         mode, spec = options.child
-        children = {"baseline": child_baseline}
+        children = {"baseline": child_baseline, "dkim_key": child_dkim_key}
         print(json.dumps(children[mode](json.loads(spec))))
     elif options.profile:
         run_profile(options)

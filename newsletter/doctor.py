@@ -616,19 +616,21 @@ def check_bounce_address(settings: Settings) -> Check:
     return Check("bounce address", OK, f"{address} (the envelope sender of every message)")
 
 
-def run_checks(settings: Settings, sample: bytes | None, dns: Dns | None = None) -> list[Check]:
-    """Every check, in the order a reader fixes them: the server, DNS, the message."""
+def run_checks(settings: Settings, sample: bytes | None, dns: Dns | None = None) -> Iterator[Check]:
+    """Every check as it is done, in the order a reader fixes them: the server, DNS, the
+    message, the settings."""
     dns = dns or Dns(settings.dns_server)
     from_domain = domain_of(settings.from_address)
     bounce = bounce_address(settings)
     envelope_domain = domain_of(bounce) if bounce else from_domain
     dkim_domain = signing_domain(settings) if settings.dkim_private_key is not None else None
-    checks = [check_smtp(settings), check_spf(dns, from_domain)]
+    yield check_smtp(settings)
+    yield check_spf(dns, from_domain)
     if envelope_domain != from_domain:
-        checks.append(check_spf(dns, envelope_domain, "bounce"))
-    checks.append(check_dkim(dns, settings))
-    checks += check_dmarc(dns, from_domain, dkim_domain, envelope_domain)
+        yield check_spf(dns, envelope_domain, "bounce")
+    yield check_dkim(dns, settings)
+    yield from check_dmarc(dns, from_domain, dkim_domain, envelope_domain)
     if sample is not None:
-        checks.append(check_unsubscribe(sample, settings))
-    checks += [check_site_url(settings), check_bounce_address(settings)]
-    return checks
+        yield check_unsubscribe(sample, settings)
+    yield check_site_url(settings)
+    yield check_bounce_address(settings)

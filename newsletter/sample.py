@@ -9,9 +9,11 @@ from __future__ import annotations
 
 from newsletter.config import Settings
 from newsletter.digest import parse_digest
+from newsletter.doctor import FAIL, OK, Check
+from newsletter.errors import NewsletterError
 from newsletter.message import Recipient, new_message_id
 from newsletter.render import RenderedIssue, render_issue
-from newsletter.sender import message_template, secret_key
+from newsletter.sender import message_template, secret_key, send_test_copies
 from newsletter.store import Store
 from newsletter.tokens import Tokens, unsubscribe_url
 
@@ -40,3 +42,14 @@ def sample_message(store: Store, settings: Settings, address: str) -> bytes:
     tokens = Tokens(secret_key(settings, store))
     url = unsubscribe_url(settings.site_url, tokens.unsubscribe_token(address))
     return template.build(Recipient(address, None, url, new_message_id(template.domain)))
+
+
+def send_sample(store: Store, settings: Settings, address: str) -> Check:
+    """Mail the sample issue, signed, to ``address``: the doctor's last line."""
+    try:
+        [(_, outcome)] = send_test_copies(store, settings, sample_issue(settings), [address])
+    except NewsletterError as exc:  # the server refused us, or the key cannot sign
+        return Check("test message", FAIL, f"not sent to {address}: {exc}")
+    if outcome.status != "sent":
+        return Check("test message", FAIL, f"not sent to {address}: {outcome.answer}")
+    return Check("test message", OK, f"sent to {address}: {outcome.answer}")

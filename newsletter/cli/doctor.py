@@ -11,8 +11,10 @@ from newsletter.cli.common import settings
 MARKS = {"ok": "✓", "warn": "!", "fail": "✗"}
 
 
-def _line(name: str, status: str, message: str) -> None:
-    click.echo(f"{MARKS[status]} {name}: {message}")
+def _show(check) -> bool:
+    """Print one check as its line (as soon as it is done); True if it failed."""
+    click.echo(f"{MARKS[check.status]} {check.name}: {check.message}")
+    return check.status == "fail"
 
 
 @click.command()
@@ -29,34 +31,18 @@ def doctor(send_test: str | None) -> None:
 
     Example: newsletter doctor --send-test me@example.com
     """
-    from newsletter.doctor import FAIL, run_checks
-    from newsletter.errors import NewsletterError
-    from newsletter.sample import sample_issue, sample_message
-    from newsletter.sender import send_test_copies
+    from newsletter.doctor import run_checks
+    from newsletter.sample import sample_message, send_sample
     from newsletter.store import open_store
     from newsletter.subscribers import normalise_email
 
     config = settings()
     address = normalise_email(send_test, "--send-test") if send_test else None
+    failed = False
     with open_store(config) as store:
         sample = sample_message(store, config, address or "reader@example.com")
-        checks = run_checks(config, sample)
-        for check in checks:
-            _line(check.name, check.status, check.message)
-        failed = any(check.status == FAIL for check in checks)
+        for check in run_checks(config, sample):
+            failed = _show(check) or failed
         if address is not None:
-            try:
-                [(_, outcome)] = send_test_copies(store, config, sample_issue(config), [address])
-            except NewsletterError as exc:
-                _line("test message", "fail", f"not sent to {address}: {exc}")
-                failed = True
-            else:
-                sent = outcome.status == "sent"
-                verb = "sent" if sent else "not sent"
-                _line(
-                    "test message",
-                    "ok" if sent else "fail",
-                    f"{verb} to {address}: {outcome.answer}",
-                )
-                failed = failed or not sent
+            failed = _show(send_sample(store, config, address)) or failed
     sys.exit(1 if failed else 0)
