@@ -11,9 +11,12 @@ reports (the delivery engine alone); its peak memory is its ru_maxrss. The basel
 same rendered message, built once, N times with smtplib.SMTP.sendmail over one reused
 connection, timed from the connection to the last answer. Rates are medians of the runs,
 interleaved with the baseline's; the last line printed is one JSON object with the figures.
+Each run also sends the 10k issue DKIM-signed (a 2048-bit RSA key made for the run), so the
+signed and unsigned rates come from the same run and the same machine state.
 
     python bench/send.py [--quick] [--postgres-url URL] [--sink auto|smtp-sink|aiosmtpd]
-    python bench/send.py --profile [--connections 4]   (cProfile of one in-process 10k send)
+    python bench/send.py --profile [--connections 4] [--dkim]   (cProfile of one in-process
+        10k send, DKIM-signed with --dkim; then each step's cost alone, signing included)
 
 --quick: one run of each, 30,000 instead of 100,000 subscribers for the memory check; < 1 min.
 """
@@ -51,6 +54,8 @@ CONNECTIONS = 4
 TARGET_RATIO = 1.5  # the whole command, times the bare-smtplib baseline
 TARGET_PHASE_RATIO = 2.0  # the sending phase, times the bare-smtplib baseline
 TARGET_MB = 150.0
+TARGET_SIGNED = 800.0  # msg/s end to end with DKIM (RSA 2048) at 10k subscribers
+DKIM_SELECTOR = "bench"
 FLAT_TOLERANCE_MB = 10.0  # "flat": 10k -> 100k grows peak RSS by at most this
 INSERT_BATCH = 5_000
 NAMES = ["Ada Lovelace", "Zoë Łukasiewicz", "", "Grace Hopper", "José Müller", "", "李小龍"]
@@ -83,11 +88,12 @@ def app_env(url: str, port: int, connections: int) -> dict[str, str]:
     }
 
 
-def _settings(url: str, port: int, connections: int):
+def _settings(url: str, port: int, connections: int, extra: dict[str, str] | None = None):
     _import_root()
     from newsletter.config import load_settings
 
-    return load_settings(app_env(url, port, connections), dotenv_path=Path("/nonexistent"))
+    env = app_env(url, port, connections) | (extra or {})
+    return load_settings(env, dotenv_path=Path("/nonexistent"))
 
 
 # The SMTP sink ---------------------------------------------------------------------------
@@ -224,11 +230,14 @@ def postgres_unreachable(server_url: str) -> str | None:
 SUMMARY = re.compile(r"issue \d+: sent (\d+), failed (\d+), bounced (\d+).*; ([\d.]+) s, ")
 
 
-def command_send(url: str, port: int, connections: int, work: Path) -> dict[str, Any]:
+def command_send(
+    url: str, port: int, connections: int, work: Path, extra: dict[str, str] | None = None
+) -> dict[str, Any]:
     """`newsletter send SAMPLE --yes` as a process: wall clock from start to exit, its peak
-    memory, and the sending phase's seconds from its summary line."""
+    memory, and the sending phase's seconds from its summary line. ``extra`` settings are
+    added to the environment (the DKIM key of a signed send)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("NEWSLETTER_")}
-    env |= app_env(url, port, connections)
+    env |= app_env(url, port, connections) | (extra or {})
     script = Path(sys.executable).with_name("newsletter")
     argv = [str(script)] if script.exists() else [sys.executable, "-m", "newsletter"]
     out = work / "send.out"
@@ -262,6 +271,34 @@ def command_send(url: str, port: int, connections: int, work: Path) -> dict[str,
         "sending_rate": sent / phase,
         "peak_mb": usage.ru_maxrss / 1024,
     }
+
+
+def dkim_settings(work: Path) -> dict[str, str]:
+    """The settings of a signed send: a 2048-bit RSA key made for this run, in a child, so
+    this process never loads cryptography (a child's peak RSS counts its parent's at fork)."""
+    return in_child("dkim_key", path=str(work / "dkim-bench.pem"))
+
+
+def child_dkim_key(spec: dict[str, Any]) -> dict[str, str]:
+    """Write a new RSA 2048 key; its settings, once they are shown to turn signing on."""
+    _import_root()
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    from newsletter.signing import DkimSigner, message_signer
+
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    Path(spec["path"]).write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    dkim = {"NEWSLETTER_DKIM_PRIVATE_KEY": spec["path"], "NEWSLETTER_DKIM_SELECTOR": DKIM_SELECTOR}
+    if not isinstance(message_signer(_settings("sqlite://", 25, 1, dkim)), DkimSigner):
+        raise SystemExit("the DKIM settings do not turn signing on: the signed figures would lie")
+    return dkim
 
 
 def baseline_message() -> tuple[str, bytes]:
@@ -335,11 +372,16 @@ class Bench:
 
     sink: Sink
     work: Path
+    dkim: dict[str, str] = field(default_factory=dict)
 
-    def send(self, url: str, count: int, connections: int, label: str) -> dict[str, Any]:
-        """One `newsletter send`; SystemExit unless every message was accepted."""
+    def send(
+        self, url: str, count: int, connections: int, label: str, signed: bool = False
+    ) -> dict[str, Any]:
+        """One `newsletter send` (DKIM-signed if ``signed``); SystemExit unless every message
+        was accepted."""
         before = self.sink.accepted()
-        result = command_send(url, self.sink.port, connections, self.work)
+        extra = self.dkim if signed else None
+        result = command_send(url, self.sink.port, connections, self.work, extra)
         self._check(label, result, count, before)
         print(
             f"  {label}: {result['rate']:7,.0f} msg/s end to end ({result['sent']:,} in "
@@ -380,11 +422,13 @@ def median_of(results: list[dict[str, Any]], key: str) -> float:
     return statistics.median(r[key] for r in results)
 
 
-def sqlite_send(bench: Bench, count: int, connections: int, label: str) -> dict[str, Any]:
+def sqlite_send(
+    bench: Bench, count: int, connections: int, label: str, signed: bool = False
+) -> dict[str, Any]:
     """One send on a SQLite file of its own, so no run sees another's ledger or WAL."""
     with sqlite_database(bench.work) as url:
         populate(url, count)
-        return bench.send(url, count, connections, label)
+        return bench.send(url, count, connections, label, signed)
 
 
 def postgres_send(bench: Bench, server: str, count: int, label: str) -> dict[str, Any]:
@@ -402,6 +446,7 @@ class Results:
     sink: str
     sends: list[dict[str, Any]] = field(default_factory=list)
     baselines: list[dict[str, Any]] = field(default_factory=list)
+    signed: list[dict[str, Any]] = field(default_factory=list)
     single: dict[str, Any] | None = None
     big: dict[str, Any] = field(default_factory=dict)
     postgres: list[dict[str, Any]] = field(default_factory=list)
@@ -422,7 +467,8 @@ def run_benchmark(options: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory(prefix="newsletter-bench-send-") as tmp:
         sink = Sink(kind, Path(tmp))
         try:
-            measure(options, Bench(sink, Path(tmp)), results, postgres_server, postgres_problem)
+            bench = Bench(sink, Path(tmp), dkim_settings(Path(tmp)))
+            measure(options, bench, results, postgres_server, postgres_problem)
         finally:
             sink.close()
     results.seconds = time.monotonic() - started
@@ -444,9 +490,14 @@ def measure(
         print(
             "  note: not Postfix's smtp-sink: the aiosmtpd sink is slower, and keeps every message"
         )
-    print(f"{SMALL:,} subscribers, SQLite, {CONNECTIONS} connections vs bare smtplib:")
-    for run in range(1, runs + 1):  # interleaved, so drift hits both alike
+    print(
+        f"{SMALL:,} subscribers, SQLite, {CONNECTIONS} connections, unsigned and DKIM-signed "
+        "(RSA 2048), vs bare smtplib:"
+    )
+    for run in range(1, runs + 1):  # interleaved, so drift hits all alike
         results.sends.append(sqlite_send(bench, SMALL, CONNECTIONS, f"run {run}/{runs} sender  "))
+        label = f"run {run}/{runs} DKIM    "
+        results.signed.append(sqlite_send(bench, SMALL, CONNECTIONS, label, signed=True))
         results.baselines.append(bench.baseline(SMALL, f"run {run}/{runs} smtplib "))
     if options.quick:
         print("1 connection: skipped in --quick")
@@ -480,6 +531,8 @@ def report(options: argparse.Namespace, results: Results) -> None:
     baseline = median_of(results.baselines, "rate")
     ratio, phase_ratio = rate / baseline, phase / baseline
     single = results.single["rate"] if results.single else None
+    signed = median_of(results.signed, "rate")
+    signed_phase = median_of(results.signed, "sending_rate")
     rss_small = max(r["peak_mb"] for r in results.sends)
     rss_large = results.big["peak_mb"]
     growth = rss_large - rss_small
@@ -490,6 +543,7 @@ def report(options: argparse.Namespace, results: Results) -> None:
         "command_vs_smtplib_ge_1_5": ratio >= TARGET_RATIO,
         "sending_phase_vs_smtplib_ge_2": phase_ratio >= TARGET_PHASE_RATIO,
         "peak_rss_le_150mb": max(peaks) <= TARGET_MB,
+        "dkim_signed_ge_800": signed >= TARGET_SIGNED,
         f"peak_rss_flat_10k_to_{large // 1000}k": growth <= FLAT_TOLERANCE_MB,
     }
     missed = [name for name, ok in targets.items() if ok is False]
@@ -498,6 +552,10 @@ def report(options: argparse.Namespace, results: Results) -> None:
         f"  `newsletter send`, SQLite, {CONNECTIONS} connections: {rate:7,.0f} msg/s end to end"
         f" ({ratio:.2f}x smtplib; start-up {startup:.2f} s), sending phase {phase:7,.0f} msg/s"
         f" ({phase_ratio:.2f}x smtplib)"
+    )
+    print(
+        f"  the same, DKIM-signed (RSA 2048):          {signed:7,.0f} msg/s end to end "
+        f"({signed / rate:.0%} of unsigned), sending phase {signed_phase:7,.0f} msg/s"
     )
     if single is not None:
         print(f"  `newsletter send`, SQLite, 1 connection:  {single:7,.0f} msg/s end to end")
@@ -511,7 +569,8 @@ def report(options: argparse.Namespace, results: Results) -> None:
     print(
         f"targets (command >= {TARGET_RATIO}x smtplib, sending phase >= {TARGET_PHASE_RATIO}x, "
         f"peak RSS <= {TARGET_MB:.0f} MB, + <= {FLAT_TOLERANCE_MB:.0f} MB from 10k to "
-        f"{large // 1000}k): " + (f"NOT met: {', '.join(missed)}" if missed else "met")
+        f"{large // 1000}k, DKIM-signed >= {TARGET_SIGNED:.0f} msg/s): "
+        + (f"NOT met: {', '.join(missed)}" if missed else "met")
     )
     print(f"benchmark took {results.seconds:.0f} s")
     figures = {
@@ -523,6 +582,8 @@ def report(options: argparse.Namespace, results: Results) -> None:
         "connections": CONNECTIONS,
         "command_msgs_per_s_sqlite": round(rate),
         "sending_phase_msgs_per_s_sqlite": round(phase),
+        "command_msgs_per_s_sqlite_dkim_rsa2048": round(signed),
+        "sending_phase_msgs_per_s_sqlite_dkim_rsa2048": round(signed_phase),
         "startup_seconds": round(startup, 2),
         "baseline_smtplib_msgs_per_s": round(baseline),
         "command_vs_smtplib": round(ratio, 2),
@@ -550,20 +611,25 @@ def run_profile(options: argparse.Namespace) -> None:
         work = Path(tmp)
         kind = "smtp-sink" if SMTP_SINK.exists() and options.sink != "aiosmtpd" else "aiosmtpd"
         sink = Sink(kind, work)
+        dkim = dkim_settings(work)
         try:
             with sqlite_database(work) as url:
                 populate(url, SMALL)
-                profile_send(url, sink.port, options.connections, options.profile_out)
+                extra = dkim if options.dkim else None
+                profile_send(url, sink.port, options.connections, options.profile_out, extra)
             with sqlite_database(work) as url:
                 populate(url, SMALL)
-                step_costs(url, sink.port)
+                step_costs(url, sink.port, dkim)
             for threads in (1, options.connections):
                 ceiling(sink.port, threads)
+                ceiling(sink.port, threads, dkim)
         finally:
             sink.close()
 
 
-def profile_send(url: str, port: int, connections: int, out: Path | None) -> None:
+def profile_send(
+    url: str, port: int, connections: int, out: Path | None, extra: dict[str, str] | None
+) -> None:
     import cProfile
     import pstats
 
@@ -585,7 +651,7 @@ def profile_send(url: str, port: int, connections: int, out: Path | None) -> Non
         finally:
             profile.disable()
 
-    settings = _settings(url, port, connections)
+    settings = _settings(url, port, connections, extra)
     main = cProfile.Profile()
     sender_module._Run.work = profiled_work  # type: ignore[method-assign]
     try:
@@ -597,8 +663,10 @@ def profile_send(url: str, port: int, connections: int, out: Path | None) -> Non
             seconds = time.perf_counter() - start
     finally:
         sender_module._Run.work = original  # type: ignore[method-assign]
+    signed = ", DKIM-signed (RSA 2048)" if extra else ""
     print(
-        f"cProfile: {report.sent:,} sent with {connections} connection(s) in {seconds:.2f} s "
+        f"cProfile: {report.sent:,} sent{signed} with {connections} connection(s) "
+        f"in {seconds:.2f} s "
         f"({report.sent / seconds:,.0f} msg/s under the profiler)"
     )
     stats = pstats.Stats(main)
@@ -612,6 +680,7 @@ def profile_send(url: str, port: int, connections: int, out: Path | None) -> Non
         r"ledger.py.*\((claim|mark)\)|session.py.*\((commit|execute)\)|tokens.py.*token|"
         r"message.py.*\((build|new_message_id)\)|pacing.py.*\(wait\)|transports.py.*\(send\)|"
         r"sender.py.*\((_deliver|_record_failure|_message)\)|\{method 'recv_into'|"
+        r"signing.py.*\((signature|relaxed_body|_unstuff)\)|\{method 'sign' of|"
         r"\{method 'sendall'|\{method 'commit'|\{method 'execute' of 'sqlite3"
     )
 
@@ -620,13 +689,15 @@ def _per_message(label: str, count: int, seconds: float) -> None:
     print(f"  {label:<44} {seconds / count * 1e6:8.1f} us/msg  ({count / seconds:9,.0f}/s)")
 
 
-def step_costs(url: str, port: int) -> None:
-    """Each per-message step of Sender._deliver timed alone, on one thread."""
+def step_costs(url: str, port: int, dkim: dict[str, str]) -> None:
+    """Each per-message step of Sender._deliver timed alone, on one thread; ``dkim`` are the
+    settings of the signature step."""
     _import_root()
     from newsletter.ledger import claim, create_issue, mark, new_owner
     from newsletter.message import MessageTemplate, Recipient, new_message_id
     from newsletter.pacing import Pacer
     from newsletter.sender import plan_send
+    from newsletter.signing import message_signer
     from newsletter.store import open_store
     from newsletter.tokens import Tokens, unsubscribe_url
     from newsletter.transports import SmtpTransport
@@ -675,6 +746,11 @@ def step_costs(url: str, port: int) -> None:
                 for d, u, i in zip(claimed, urls, ids, strict=True)
             ]
             _per_message("MessageTemplate.build", SMALL, _since(start))
+            signer = message_signer(_settings(url, port, 1, dkim))
+            start = time.perf_counter()
+            for data in messages:
+                signer(data)
+            _per_message("DKIM signature, RSA 2048 (signing.py)", SMALL, _since(start))
             pacer = Pacer(None)
             start = time.perf_counter()
             for _ in claimed:
@@ -693,19 +769,22 @@ def step_costs(url: str, port: int) -> None:
             _per_message("ledger.mark + commit, one per message", SMALL, _since(start))
 
 
-def ceiling(port: int, threads: int) -> None:
-    """The sender's per-message work (token, Message-ID, build, SMTP) in ``threads`` threads
-    with no database at all: what the sender could reach if the ledger cost nothing."""
+def ceiling(port: int, threads: int, dkim: dict[str, str] | None = None) -> None:
+    """The sender's per-message work (token, Message-ID, build, DKIM signature with ``dkim``,
+    SMTP) in ``threads`` threads with no database at all: what the sender could reach if
+    the ledger cost nothing."""
     import threading
 
     _import_root()
     from newsletter.digest import load_digest
     from newsletter.message import MessageTemplate, Recipient, new_message_id
     from newsletter.render import render_issue
+    from newsletter.signing import message_signer
     from newsletter.tokens import Tokens, unsubscribe_url
     from newsletter.transports import SmtpTransport
 
-    settings = _settings("sqlite://", port, threads)
+    settings = _settings("sqlite://", port, threads, dkim)
+    sign = message_signer(settings)
     template = MessageTemplate(
         render_issue(load_digest(SAMPLE), settings),
         from_address=settings.from_address,
@@ -720,7 +799,7 @@ def ceiling(port: int, threads: int) -> None:
             email = f"reader.{n}@example{n % 7}.com"
             url = unsubscribe_url(settings.site_url, tokens.unsubscribe_token(email))
             recipient = Recipient(email, NAMES[n % 7] or None, url, new_message_id(template.domain))
-            transport.send(template.envelope_from, email, template.build(recipient))
+            transport.send(template.envelope_from, email, sign(template.build(recipient)))
         transport.close()
 
     workers = [threading.Thread(target=work, args=(n,)) for n in range(threads)]
@@ -730,7 +809,8 @@ def ceiling(port: int, threads: int) -> None:
     for worker in workers:
         worker.join()
     rate = SMALL / _since(start)
-    print(f"ceiling without any database, {threads} thread(s): {rate:7,.0f} msg/s")
+    signed = ", DKIM-signed" if dkim else ""
+    print(f"ceiling without any database, {threads} thread(s){signed}: {rate:7,.0f} msg/s")
 
 
 def _since(start: float) -> float:
@@ -749,11 +829,12 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true", help="profile one 10k send instead")
     parser.add_argument("--connections", type=int, default=CONNECTIONS, help="for --profile")
     parser.add_argument("--profile-out", type=Path, help="--profile: save the pstats here")
+    parser.add_argument("--dkim", action="store_true", help="--profile: a DKIM-signed send")
     parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     options = parser.parse_args()
     if options.child:
         mode, spec = options.child
-        children = {"baseline": child_baseline}
+        children = {"baseline": child_baseline, "dkim_key": child_dkim_key}
         print(json.dumps(children[mode](json.loads(spec))))
     elif options.profile:
         run_profile(options)

@@ -48,6 +48,11 @@ class BounceMailbox:
         return f"{self.scheme}://{self.username}@{self.host}:{self.port}{where}"
 
 
+_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+_SELECTOR = re.compile(rf"{_LABEL}(?:\.{_LABEL})*")
+_DOMAIN = re.compile(rf"(?:{_LABEL}\.)+{_LABEL}\.?")
+
+
 @dataclass(frozen=True)
 class Settings:
     """Validated configuration; build it with :func:`load_settings`."""
@@ -84,6 +89,10 @@ class Settings:
     webhook_secret_postmark: str | None = field(default=None, repr=False)
     webhook_secret_mailgun: str | None = field(default=None, repr=False)
     sns_topic_arns: tuple[str, ...] = ()
+    dkim_private_key: Path | None = None
+    dkim_selector: str | None = None
+    dkim_domain: str | None = None
+    dns_server: tuple[str, int] | None = None
 
     @property
     def tz(self) -> ZoneInfo | None:
@@ -279,6 +288,66 @@ def _topic_arns(env: dict) -> tuple[str, ...]:
     return arns
 
 
+def _dkim(env: dict) -> tuple[Path | None, str | None, str | None]:
+    """The DKIM key's path (a readable file), selector and domain, each checked for syntax;
+    the key itself is parsed by ``newsletter.signing``, before the first message."""
+    raw_key = _text(env, "NEWSLETTER_DKIM_PRIVATE_KEY")
+    selector = _text(env, "NEWSLETTER_DKIM_SELECTOR")
+    domain = _text(env, "NEWSLETTER_DKIM_DOMAIN")
+    if selector is not None and not _SELECTOR.fullmatch(selector):
+        raise ConfigError(
+            f"NEWSLETTER_DKIM_SELECTOR: {selector!r} is not a selector "
+            "(letters, digits and hyphens, dots between parts, e.g. news2026)"
+        )
+    if domain is not None:
+        try:
+            domain = domain.encode("idna").decode("ascii").lower().rstrip(".")
+        except UnicodeError:
+            domain = None
+        if domain is None or not _DOMAIN.fullmatch(domain):
+            raise ConfigError(
+                f"NEWSLETTER_DKIM_DOMAIN: {_text(env, 'NEWSLETTER_DKIM_DOMAIN')!r} "
+                "is not a domain name"
+            )
+    if raw_key is None:
+        return None, selector, domain
+    key = Path(raw_key).expanduser()
+    try:
+        with key.open("rb") as readable:
+            readable.read(1)
+    except OSError as exc:
+        raise ConfigError(
+            f"NEWSLETTER_DKIM_PRIVATE_KEY: cannot read {raw_key}: {exc.strerror or exc}"
+        ) from None
+    if selector is None:
+        raise ConfigError(
+            "NEWSLETTER_DKIM_SELECTOR: required with NEWSLETTER_DKIM_PRIVATE_KEY "
+            "(the key is published at SELECTOR._domainkey.DOMAIN)"
+        )
+    return key, selector, domain
+
+
+def _host_port(env: dict, name: str, default_port: int) -> tuple[str, int] | None:
+    """``HOST``, ``HOST:PORT``, ``[IPV6]:PORT`` or a bare IPv6 address."""
+    raw = _text(env, name)
+    if raw is None:
+        return None
+    host, port = raw, str(default_port)
+    if raw.startswith("["):
+        host, closed, rest = raw[1:].partition("]")
+        if not closed or (rest and not rest.startswith(":")):
+            host = ""
+        elif rest:
+            port = rest[1:]
+    elif raw.count(":") == 1:
+        host, port = raw.split(":")
+    if not host or any(ch.isspace() or ch in "[]/" for ch in host) or not port.isdigit():
+        raise ConfigError(f"{name}: {raw!r} is not HOST or HOST:PORT")
+    if not 0 < int(port) < 65536:
+        raise ConfigError(f"{name}: port {port} is not between 1 and 65535")
+    return host, int(port)
+
+
 def load_settings(
     environ: Mapping[str, str] | None = None, dotenv_path: Path | None = None
 ) -> Settings:
@@ -301,6 +370,7 @@ def load_settings(
     name = _text(env, "NEWSLETTER_NAME") or "Newsletter"
     if any(ord(ch) < 32 for ch in name):
         raise ConfigError("NEWSLETTER_NAME: control characters are not allowed")
+    dkim_key, dkim_selector, dkim_domain = _dkim(env)
     return Settings(
         database_url=_database_url(env),
         from_address=_address(env, "NEWSLETTER_FROM", "Newsletter <newsletter@localhost>"),
@@ -334,4 +404,8 @@ def load_settings(
         webhook_secret_postmark=_postmark_secret(env),
         webhook_secret_mailgun=_text(env, "NEWSLETTER_WEBHOOK_SECRET_MAILGUN"),
         sns_topic_arns=_topic_arns(env),
+        dkim_private_key=dkim_key,
+        dkim_selector=dkim_selector,
+        dkim_domain=dkim_domain,
+        dns_server=_host_port(env, "NEWSLETTER_DNS_SERVER", 53),
     )

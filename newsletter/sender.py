@@ -60,6 +60,7 @@ from newsletter.message import (
 from newsletter.outbound import one_off_message
 from newsletter.pacing import Pacer, backoff
 from newsletter.render import RenderedIssue, render_issue
+from newsletter.signing import message_signer
 from newsletter.store import Issue, Store, Subscriber, utcnow
 from newsletter.tokens import Tokens, unsubscribe_url
 from newsletter.transports import Message, Outcome, Transport, make_transport
@@ -205,6 +206,7 @@ def send_test_copies(
 ) -> list[tuple[str, Outcome]]:
     """Send ``--to`` copies: real messages, but no issue and no delivery is recorded."""
     template = message_template(settings, rendered)
+    sign = message_signer(settings)
     tokens = Tokens(store.secret_key(settings.secret_key))
     transport = make_transport(settings)
     try:
@@ -212,7 +214,8 @@ def send_test_copies(
         results = []
         for address in addresses:
             url = unsubscribe_url(settings.site_url, tokens.unsubscribe_token(address))
-            data = template.build(Recipient(address, None, url, new_message_id(template.domain)))
+            recipient = Recipient(address, None, url, new_message_id(template.domain))
+            data = sign(template.build(recipient))
             outcome = transport.send(template.envelope_from, wire_address(address), data)
             results.append((address, outcome))
         return results
@@ -266,6 +269,7 @@ class Sender:
         self.renew_every = min(RENEW_AT_MOST, settings.claim_timeout / 4)
         self.envelope_from = envelope_address(settings.from_address)
         self.pacer = Pacer(settings.send_rate)
+        self.sign = message_signer(settings)  # a DKIM key that cannot sign fails here, first
         self.tokens = Tokens(store.secret_key(settings.secret_key))
         self.verp = Verp.of(settings, store.secret_key(settings.secret_key))
         self._lock = threading.Lock()
@@ -480,7 +484,7 @@ class _Worker:
                 self.run_.count("skipped")
                 continue
             try:
-                data = self._message(delivery)
+                data = sender.sign(self._message(delivery))
             except Exception as exc:  # one address the message cannot carry must not stop a send
                 answer = (
                     f"cannot build a message for {delivery.email!r}: {type(exc).__name__}: {exc}"

@@ -30,6 +30,7 @@ from newsletter.ledger import (
 )
 from newsletter.scheduling import Scheduler
 from newsletter.sender import send_queued_mail
+from newsletter.signing import message_signer
 from newsletter.signup import prune_attempts
 from newsletter.store import Delivery, Store, open_store, utcnow
 
@@ -169,6 +170,7 @@ class Worker:
 
 def run_worker(settings: Settings, stop: threading.Event) -> None:
     """Run until ``stop`` is set (SIGINT/SIGTERM in the CLI), then finish cleanly."""
+    message_signer(settings)  # a DKIM key that cannot sign stops the worker at start
     with open_store(settings) as store:
         worker = Worker(store, settings, stop)
         worker.run(on_ready=lambda: log.info("worker started"))

@@ -29,6 +29,7 @@ COMMANDS = {
     "preview": "preview:preview",
     "db": "db:group",
     "bounces": "bounces:group",
+    "doctor": "doctor:doctor",
 }
 
 
