@@ -16,7 +16,6 @@ from __future__ import annotations
 import base64
 import binascii
 import ipaddress
-import os
 import re
 import socket
 from collections.abc import Iterator
@@ -114,14 +113,6 @@ class Dns:
             raise DnsFailure(f"looking up {name} at {self.where} failed: {exc}") from None
         self._cache[name] = records
         return records
-
-
-def bounce_address(settings: Settings) -> str | None:
-    """NEWSLETTER_BOUNCE_ADDRESS (the envelope sender), when set."""
-    value = getattr(settings, "bounce_address", None)
-    if value is None:
-        value = os.environ.get("NEWSLETTER_BOUNCE_ADDRESS", "").strip() or None
-    return value
 
 
 def domain_of(address: str) -> str:
@@ -605,7 +596,7 @@ def check_site_url(settings: Settings) -> Check:
 
 def check_bounce_address(settings: Settings) -> Check:
     """A bounce address of our own makes bounces come back to newsletter."""
-    address = bounce_address(settings)
+    address = settings.bounce_address
     if not address:
         return Check(
             "bounce address",
@@ -621,7 +612,7 @@ def run_checks(settings: Settings, sample: bytes | None, dns: Dns | None = None)
     message, the settings."""
     dns = dns or Dns(settings.dns_server)
     from_domain = domain_of(settings.from_address)
-    bounce = bounce_address(settings)
+    bounce = settings.bounce_address
     envelope_domain = domain_of(bounce) if bounce else from_domain
     dkim_domain = signing_domain(settings) if settings.dkim_private_key is not None else None
     yield check_smtp(settings)
