@@ -467,6 +467,7 @@ def test_bad_confirm_token_is_a_friendly_400(
         "not-a-token",
         TOKENS.confirm_token("ada@example.com"),
     ],
+    ids=["other-key", "not-a-token", "a-confirm-token"],  # the same in every test process
 )
 def test_bad_unsubscribe_token_is_a_friendly_400(
     client: FlaskClient, store: Store, method: str, token: str
