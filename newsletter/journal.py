@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import os
 import re
 import threading
@@ -24,14 +25,21 @@ from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
+from sqlalchemy.engine import make_url
 
-def journal_dir(database_url: str | None = None) -> Path:
-    """Where journals live: beside a SQLite database file (so every user and service of it
-    finds them), else ``$XDG_STATE_HOME/newsletter/journal`` on this host."""
-    if database_url and database_url.startswith("sqlite:///") and ":memory:" not in database_url:
-        return Path(database_url.removeprefix("sqlite:///")).resolve().parent / "journal"
+
+def journal_dir(database_url: str) -> Path:
+    """Where the journals of one database's senders live: beside a SQLite database file (so
+    every user and service of it finds them), else in ``$XDG_STATE_HOME/newsletter/journal``
+    on this host, in a folder of that database's own. Senders of other databases never see
+    them, so none can take them for leftovers of its own."""
+    url = make_url(database_url)
+    if url.get_backend_name() == "sqlite" and url.database and url.database != ":memory:":
+        database = Path(url.database).resolve()
+        return database.parent / "journal" / database.name
+    where = f"{url.get_backend_name()}://{url.host or ''}:{url.port or ''}/{url.database or ''}"
     state = os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state"
-    return Path(state) / "newsletter" / "journal"
+    return Path(state) / "newsletter" / "journal" / hashlib.sha256(where.encode()).hexdigest()[:16]
 
 
 def _path(directory: Path, owner: str) -> Path:

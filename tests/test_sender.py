@@ -234,6 +234,29 @@ def test_already_sent_digest_is_refused(store, tmp_path: Path) -> None:
     assert plan_send(store, settings, renamed, force=True).resume is None
 
 
+def test_each_database_has_journals_of_its_own(tmp_path: Path, monkeypatch) -> None:
+    """A worker forgets journals it takes for dead leftovers of its own database: a journal
+    of another database on the same host (or in the same folder) must never be among them."""
+    from newsletter.journal import journal_dir
+
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
+    folders = {
+        journal_dir(url)
+        for url in (
+            "postgresql+psycopg://postgres@127.0.0.1:5432/test",
+            "postgresql+psycopg://postgres@127.0.0.1:5432/other",
+            "postgresql+psycopg://postgres@127.0.0.1:5433/test",
+            f"sqlite:///{tmp_path}/a.db",
+            f"sqlite:///{tmp_path}/b.db",
+        )
+    }
+    assert len(folders) == 5
+    assert journal_dir(f"sqlite:///{tmp_path}/a.db").is_relative_to(tmp_path / "journal")
+    assert journal_dir("postgresql+psycopg://postgres@127.0.0.1:5432/test").is_relative_to(
+        tmp_path / "state" / "newsletter" / "journal"
+    )
+
+
 def test_dead_senders_journal_is_replayed(store, tmp_path: Path) -> None:
     """Rows a killed sender journaled as accepted become sent; the rest are requeued; its
     journal is gone afterwards. A sender is dead when its journal's lock can be taken."""
