@@ -35,6 +35,7 @@ Hello {{ name }}, the first paragraph of the digest.
 ![A chart](chart.png)
 """
 WAIT = 20.0  # generous: the suite may share two cores with another copy of itself
+EXIT_WAIT = 60.0  # a whole interpreter winding down on a machine that busy
 
 
 def _get(url: str, host: str | None = None) -> tuple[int, dict[str, str], bytes]:
@@ -283,7 +284,28 @@ def test_cli_prints_url_serves_and_stops_on_ctrl_c(digest_dir: Path) -> None:
         state = json.loads(_get(f"http://127.0.0.1:{port}/state")[2])
         assert state["subject"] == "Weekly links: number one"
         process.send_signal(signal.SIGINT)
-        assert process.wait(timeout=WAIT) == 0
+        assert process.wait(timeout=EXIT_WAIT) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        process.stdout.close()
+        process.stderr.close()
+
+
+def test_cli_stops_on_sigterm_as_a_supervisor_sends_it(digest_dir: Path) -> None:
+    """SIGTERM ends the preview as cleanly as Ctrl-C: exit 0, the port free again."""
+    port = _free_port()
+    process = _start_cli(digest_dir, "digest.md", "--no-open", "--port", str(port))
+    try:
+        assert process.stdout.readline().startswith("previewing")
+        assert _get(f"http://127.0.0.1:{port}/state")[0] == 200
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=EXIT_WAIT) == 0
+        assert process.stderr.read().splitlines()[-1] == "preview stopped"
+        with socket.socket() as again:  # no listener left (only connections in TIME_WAIT)
+            again.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            again.bind(("127.0.0.1", port))
     finally:
         if process.poll() is None:
             process.kill()
@@ -308,7 +330,7 @@ def test_cli_opens_the_browser(digest_dir: Path, tmp_path_factory: pytest.TempPa
             time.sleep(0.05)
         assert opened.read_text().strip() == f"http://127.0.0.1:{port}/"
         process.send_signal(signal.SIGINT)
-        assert process.wait(timeout=WAIT) == 0
+        assert process.wait(timeout=EXIT_WAIT) == 0
     finally:
         if process.poll() is None:
             process.kill()

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import click
 
-from newsletter.cli.common import settings
+from newsletter.cli.common import settings, stop_on_signals
 
 
 @click.command()
@@ -43,20 +43,21 @@ def preview(digest: Path, port: int | None, no_open: bool) -> None:
     except ConfigError as exc:
         click.echo(f"warning: {exc}; links of earlier issues not compared", err=True)
         sent = None
-    server = None
+    server = open_preview(
+        digest, config, port=port, extra_findings=partial(offline_findings, sent=sent)
+    )
+    serving = threading.Thread(target=server.serve_forever, name="preview-server", daemon=True)
     try:
-        server = open_preview(
-            digest, config, port=port, extra_findings=partial(offline_findings, sent=sent)
-        )
-        click.echo(f"previewing {digest} at {server.url} (Ctrl-C to stop)")
-        if not no_open:
-            _open_browser(server.url)
-        server.serve_forever()
-    except KeyboardInterrupt:
+        with stop_on_signals() as stop:
+            serving.start()
+            click.echo(f"previewing {digest} at {server.url} (Ctrl-C to stop)")
+            if not no_open:
+                _open_browser(server.url)
+            stop.wait()
+        server.shutdown()
         click.echo("preview stopped", err=True)
     finally:
-        if server is not None:
-            server.close()
+        server.close()
 
 
 def _open_browser(url: str) -> None:
