@@ -148,8 +148,8 @@ def signup(
         return "honeypot"
     address, name = _validated(email, name)
     ip_key = client_key(ip)
-    now = utcnow()
     with store.write(keys=[address, ip_key]) as session:
+        now = utcnow()  # under the lock: attempts are recorded in the order they are counted
         db = session.connection()  # Core statements only: the ORM session's work is not needed
         counts = dict(
             db.execute(
