@@ -42,7 +42,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import Session
 
-from newsletter.archive import place
+from newsletter.archive_pages import place
 from newsletter.config import Settings
 from newsletter.errors import DeliveryError
 from newsletter.journal import Journal, examine, journal_dir, owners

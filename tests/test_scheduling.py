@@ -18,16 +18,15 @@ from sqlalchemy import select, update
 from newsletter import scheduling
 from newsletter.config import Settings, load_settings
 from newsletter.errors import InputError
-from newsletter.scheduling import (
-    Scheduler,
+from newsletter.schedules import (
     add_cron,
     add_once,
     cancel,
     cron_trigger,
     list_schedules,
-    newest_unsent,
     parse_when,
 )
+from newsletter.scheduling import Scheduler, newest_unsent
 from newsletter.sender import SendOptions
 from newsletter.store import Delivery, Schedule, Store, open_store
 from newsletter.subscribers import add

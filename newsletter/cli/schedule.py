@@ -29,7 +29,7 @@ def add(digest: Path | None, at: str | None, cron: str | None, directory: Path |
 
     Example: newsletter schedule add digests/2026-11-20-weekly-links.md --at 2026-12-01T09:00
     """
-    from newsletter.scheduling import add_cron, add_once, parse_when
+    from newsletter.schedules import add_cron, add_once, parse_when
     from newsletter.store import open_store
 
     config = settings()
@@ -51,7 +51,7 @@ def list_() -> None:
 
     Example: newsletter schedule list
     """
-    from newsletter.scheduling import list_schedules
+    from newsletter.schedules import list_schedules
     from newsletter.store import open_store
 
     config = settings()
@@ -74,7 +74,7 @@ def cancel_(schedule_id: int) -> None:
 
     Example: newsletter schedule cancel 3
     """
-    from newsletter.scheduling import cancel
+    from newsletter.schedules import cancel
     from newsletter.store import open_store
 
     with open_store(settings()) as store:
