@@ -15,6 +15,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -262,42 +263,42 @@ def _free_port() -> int:
         return probe.getsockname()[1]
 
 
-def _start_cli(cwd: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen:
+@contextmanager
+def _cli(cwd: Path, *args: str, env: dict[str, str] | None = None) -> Iterator[subprocess.Popen]:
+    """`newsletter preview ARGS` as a process, killed afterwards if a test left it running."""
     environment = {k: v for k, v in os.environ.items() if not k.startswith("NEWSLETTER_")}
-    return subprocess.Popen(
+    with subprocess.Popen(
         [sys.executable, "-m", "newsletter", "preview", *args],
         cwd=cwd,
         env=environment | (env or {}),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-    )
+    ) as process:
+        try:
+            yield process
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
 
 
 def test_cli_prints_url_serves_and_stops_on_ctrl_c(digest_dir: Path) -> None:
     """`preview --no-open` prints its URL, serves there, and Ctrl-C ends it with exit 0."""
     port = _free_port()
-    process = _start_cli(digest_dir, "digest.md", "--no-open", "--port", str(port))
-    try:
+    with _cli(digest_dir, "digest.md", "--no-open", "--port", str(port)) as process:
         line = process.stdout.readline()
         assert line == f"previewing digest.md at http://127.0.0.1:{port}/ (Ctrl-C to stop)\n"
         state = json.loads(_get(f"http://127.0.0.1:{port}/state")[2])
         assert state["subject"] == "Weekly links: number one"
         process.send_signal(signal.SIGINT)
         assert process.wait(timeout=EXIT_WAIT) == 0
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
-        process.stdout.close()
-        process.stderr.close()
 
 
 def test_cli_stops_on_sigterm_as_a_supervisor_sends_it(digest_dir: Path) -> None:
     """SIGTERM ends the preview as cleanly as Ctrl-C: exit 0, the port free again."""
     port = _free_port()
-    process = _start_cli(digest_dir, "digest.md", "--no-open", "--port", str(port))
-    try:
+    with _cli(digest_dir, "digest.md", "--no-open", "--port", str(port)) as process:
         assert process.stdout.readline().startswith("previewing")
         assert _get(f"http://127.0.0.1:{port}/state")[0] == 200
         process.send_signal(signal.SIGTERM)
@@ -306,12 +307,6 @@ def test_cli_stops_on_sigterm_as_a_supervisor_sends_it(digest_dir: Path) -> None
         with socket.socket() as again:  # no listener left (only connections in TIME_WAIT)
             again.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             again.bind(("127.0.0.1", port))
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
-        process.stdout.close()
-        process.stderr.close()
 
 
 def test_cli_opens_the_browser(digest_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> None:
@@ -322,8 +317,8 @@ def test_cli_opens_the_browser(digest_dir: Path, tmp_path_factory: pytest.TempPa
     script.write_text(f'#!/bin/sh\necho "$1" > {opened}.tmp && mv {opened}.tmp {opened}\n')
     script.chmod(0o755)
     port = _free_port()
-    process = _start_cli(digest_dir, "digest.md", "--port", str(port), env={"BROWSER": str(script)})
-    try:
+    browser = {"BROWSER": str(script)}
+    with _cli(digest_dir, "digest.md", "--port", str(port), env=browser) as process:
         assert process.stdout.readline().startswith("previewing")
         deadline = time.monotonic() + WAIT
         while not opened.exists() and time.monotonic() < deadline:
@@ -331,12 +326,6 @@ def test_cli_opens_the_browser(digest_dir: Path, tmp_path_factory: pytest.TempPa
         assert opened.read_text().strip() == f"http://127.0.0.1:{port}/"
         process.send_signal(signal.SIGINT)
         assert process.wait(timeout=EXIT_WAIT) == 0
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
-        process.stdout.close()
-        process.stderr.close()
 
 
 def test_missing_digest_is_one_line_exit_2(runner: CliRunner, clean_env: Path) -> None:
